@@ -1,0 +1,109 @@
+"""Robust image loading: any common format, greyscale / RGB / RGBA, 8 or 16 bit, any size."""
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm",
+                    ".pbm", ".pnm", ".jp2")
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the file and the fix."""
+
+
+def list_images(folder: str, recursive: bool = True) -> list[str]:
+    """Image files under ``folder`` (sorted, recursive); an error if there are none."""
+    if not os.path.isdir(folder):
+        raise ImageError(f"{folder}: no such folder; pass a folder of normal images")
+    found = []
+    if recursive:
+        for root, dirs, files in os.walk(folder):
+            dirs.sort()
+            found += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    else:
+        found = [os.path.join(folder, f) for f in os.listdir(folder)
+                 if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not found:
+        raise ImageError(f"{folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return sorted(found)
+
+
+def load_image(path: str) -> np.ndarray:
+    """Decode ``path`` to HxW (grey) or HxWx3/4 (RGB/RGBA), uint8 or uint16, in RGB order."""
+    if not os.path.isfile(path):
+        raise ImageError(f"{path}: no such file")
+    data = np.fromfile(path, dtype=np.uint8)
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if img is None:
+        raise ImageError(f"{path}: cannot decode the image (corrupt or unsupported format); "
+                         "replace or remove it, or pass --skip-bad")
+    if img.ndim == 3 and img.shape[2] == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    elif img.ndim == 3 and img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)
+    if min(img.shape[:2]) < 1:
+        raise ImageError(f"{path}: empty image")
+    return img
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """8-bit copy of an integer or float image (16 bit divides by 257, float in [0,1] scales)."""
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == np.uint16:
+        return ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if np.issubdtype(image.dtype, np.floating):
+        return np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if np.issubdtype(image.dtype, np.integer) or image.dtype == np.bool_:
+        return np.clip(image, 0, 255).astype(np.uint8)
+    raise ImageError(f"unsupported image dtype {image.dtype}")
+
+
+def channels_of(image: np.ndarray) -> int:
+    """1 for grey inputs (HxW, HxWx1), else 3 (RGB, RGBA: alpha is dropped)."""
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
+        return 1
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        return 3
+    raise ImageError(f"unsupported image shape {image.shape}: expected HxW, HxWx1, HxWx3 or HxWx4")
+
+
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """HxWxC uint8 with C = ``channels`` (1 or 3); grey is replicated, RGB is reduced to luma."""
+    img = to_uint8(image)
+    have = channels_of(img)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.shape[2] == 4:
+        img = img[:, :, :3]
+    if have == channels:
+        return np.ascontiguousarray(img)
+    if channels == 3:
+        return np.ascontiguousarray(np.repeat(img, 3, axis=2))
+    return cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY)[:, :, None]
+
+
+def resize(image: np.ndarray, height: int, width: int, nearest: bool = False) -> np.ndarray:
+    """Resize an HxWxC image keeping the channel axis (area filter when shrinking)."""
+    h, w = image.shape[:2]
+    if (h, w) == (height, width):
+        return image
+    if nearest:
+        out = cv2.resize(image, (width, height), interpolation=cv2.INTER_NEAREST)
+    elif height <= h and width <= w:
+        # OpenCV's area filter is slow except at exactly 2x: shrink bilinearly to twice the
+        # target first (a 6x speed-up from 900 px), then average 2x2 blocks
+        if h >= 2 * height and w >= 2 * width and (h, w) != (2 * height, 2 * width):
+            image = cv2.resize(image, (2 * width, 2 * height), interpolation=cv2.INTER_LINEAR)
+        out = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    else:
+        out = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+    return out.reshape(height, width, -1) if image.ndim == 3 else out
+
+
+def prepare_normal(image: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """The normal image as the model sees it: size x size x channels, uint8."""
+    return resize(to_channels(image, channels), size, size)
