@@ -201,8 +201,9 @@ def _content_patch(rng, kind: str, image, sy, sx, c, pool, textures, cfg) -> np.
         probe = np.empty((16, 16), np.uint8)
         key = np.uint64(int(rng.integers(0, 2 ** 63)))
         att, _, _, n = ifs.make_fractal_mask(key, cfg.ifs.as_array(), probe, params)
-        tex = ifs.render(params[:n], int(ifs._attempt_key(key, att - 1)), c, c, mode, cfg.ifs)
-        return tex.reshape(c, c, ch)
+        side = max(c, 8)
+        tex = ifs.render(params[:n], int(ifs._attempt_key(key, att - 1)), side, side, mode, cfg.ifs)
+        return resize(tex.reshape(side, side, ch), c, c)
     if kind == "texture":
         if not textures:
             raise ValueError("content 'texture' needs texture images (textures=... or --textures DIR)")

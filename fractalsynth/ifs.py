@@ -101,7 +101,7 @@ def _sample_maps(key, cfg, out):
     if n > n_hi:
         n = n_hi
     ctr += 1
-    alpha = 0.5 * (5 + n) + uniform(key, ctr)  # U((5+n)/2, (6+n)/2)
+    alpha = 0.5 * (5 + n) + 0.5 * uniform(key, ctr)  # U((5+n)/2, (6+n)/2)
     ctr += 1
     budget = min(alpha, 3.0 * smax * n)
     total_det = 0.0

@@ -1,0 +1,114 @@
+import cv2
+import numpy as np
+import pytest
+
+from fractalsynth.anomaly import CONTENTS, AnomalyConfig, FractalAnomaly, compose, parse_content
+from fractalsynth.color import jitter
+from fractalsynth.images import ImageError
+
+
+def _image(h=80, w=96, ch=3, seed=0, dtype=np.uint8):
+    rng = np.random.default_rng(seed)
+    img = cv2.GaussianBlur(rng.integers(30, 220, (h, w, 3)).astype(np.uint8), (0, 0), 1.5)
+    if ch == 1:
+        img = img[:, :, 0]
+    elif ch == 4:
+        img = np.concatenate([img, np.full((h, w, 1), 255, np.uint8)], axis=2)
+    if dtype == np.uint16:
+        img = img.astype(np.uint16) * 257
+    return img
+
+
+def _check_invariants(gen, img, n):
+    for i in range(n):
+        rec = gen.record(img, i)
+        normal, anomalous, mask = gen(img, i)
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+        assert mask.any(), "the mask is never empty"
+        assert normal.shape == anomalous.shape and normal.shape[:2] == mask.shape
+        # outside the mask only the shared mild jitter differs: identical pixels
+        assert np.array_equal(normal[mask == 0], anomalous[mask == 0])
+        # the shared jitter is the same on both images
+        assert np.array_equal(jitter(gen.record(img, i).crop, rec.jitter, None).shape, rec.crop.shape)
+
+
+@pytest.mark.parametrize("content", CONTENTS)
+@pytest.mark.parametrize("placement", ["uniform", "foreground", "auto"])
+def test_invariants_every_content_and_placement(content, placement):
+    pool = [_image(seed=s) for s in range(3)]
+    gen = FractalAnomaly(size=64, seed=1, placement=placement, content=((content, 1.0),),
+                         pool=pool, textures=pool)
+    _check_invariants(gen, _image(), 25)
+
+
+@pytest.mark.parametrize("mask_source", ["fractal", "perlin", "rectangle"])
+@pytest.mark.parametrize("blend", ["paste", "alpha"])
+def test_invariants_mask_sources_and_blends(mask_source, blend):
+    gen = FractalAnomaly(size=64, seed=2, mask_source=mask_source, blend=blend)
+    _check_invariants(gen, _image(), 30)
+
+
+def test_hundreds_of_samples_default():
+    gen = FractalAnomaly(size=64, seed=0)
+    _check_invariants(gen, _image(120, 100), 200)
+
+
+@pytest.mark.parametrize("shape,ch,dtype", [
+    ((50, 70), 1, np.uint8), ((50, 70), 3, np.uint8), ((50, 70), 4, np.uint8),
+    ((50, 70), 3, np.uint16), ((20, 24), 3, np.uint8), ((9, 31), 1, np.uint8),
+])
+def test_input_kinds(shape, ch, dtype):
+    img = _image(*shape, ch=ch, dtype=dtype)
+    if ch == 1 and dtype == np.uint8:
+        img = img[:, :, None] if shape == (9, 31) else img
+    gen = FractalAnomaly(size=48, seed=0)
+    n, a, m = gen(img, 0)
+    want = 1 if ch == 1 else 3
+    assert n.shape == (48, 48, want) and a.dtype == np.uint8 and m.shape == (48, 48)
+    _check_invariants(gen, img, 10)
+
+
+def test_source_resolution_mode():
+    gen = FractalAnomaly(size=64, seed=0, resolution="source")
+    for i in range(20):
+        n, a, m = gen(_image(200, 160), i)
+        assert m.any() and n.shape == (64, 64, 3)
+
+
+def test_same_seed_same_bytes_and_index_addressing():
+    img = _image()
+    a = FractalAnomaly(size=64, seed=5)
+    b = FractalAnomaly(size=64, seed=5)
+    for i in (0, 7, 3):
+        assert all(np.array_equal(x, y) for x, y in zip(a(img, i), b(img, i)))
+    c = FractalAnomaly(size=64, seed=6)
+    assert not np.array_equal(a(img, 0)[1], c(img, 0)[1])
+    batch = a.batch([img, img], indices=[7, 3])
+    assert np.array_equal(batch[1][0], b(img, 7)[1])
+
+
+def test_record_compose_matches_call():
+    img = _image()
+    gen = FractalAnomaly(size=64, seed=9)
+    from fractalsynth.images import prepare_normal
+    normal = prepare_normal(img, 64, 3)
+    out = compose(normal, gen.record(img, 4))
+    assert all(np.array_equal(x, y) for x, y in zip(out, gen(img, 4)))
+
+
+def test_unusable_inputs_and_options():
+    gen = FractalAnomaly(size=32)
+    with pytest.raises(ImageError):
+        gen(np.zeros((0, 5), np.uint8))
+    with pytest.raises(ImageError):
+        gen(np.zeros((10, 10, 2), np.uint8))
+    with pytest.raises(ValueError, match="placement"):
+        FractalAnomaly(placement="middle")
+    with pytest.raises(ValueError, match="content"):
+        parse_content("same=lots")
+    with pytest.raises(ValueError, match="content"):
+        AnomalyConfig(content=(("glitter", 1.0),))
+    with pytest.raises(ValueError, match="texture"):
+        FractalAnomaly(size=32, content="texture")(_image(), 0)
+    with pytest.raises(ValueError, match="8x8"):
+        AnomalyConfig(size=4)

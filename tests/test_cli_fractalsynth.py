@@ -1,0 +1,55 @@
+import hashlib
+import os
+
+import h5py
+import pytest
+from click.testing import CliRunner
+
+from fractalsynth.cli import main
+
+
+def _mask_bytes(path):
+    with h5py.File(path, "r") as f:
+        return hashlib.sha256(f["masks"][()].tobytes()).hexdigest()
+
+
+def test_masks_same_seed_same_bytes_any_workers(tmp_path):
+    r = CliRunner()
+    for w in (1, 2):
+        res = r.invoke(main, ["masks", "--n", "60", "--size", "32", "--seed", "4", "--workers",
+                              str(w), "--out", str(tmp_path / f"w{w}.h5")])
+        assert res.exit_code == 0, res.output
+    res = r.invoke(main, ["masks", "--n", "60", "--size", "32", "--seed", "5",
+                          "--out", str(tmp_path / "s5.h5")])
+    assert res.exit_code == 0
+    assert _mask_bytes(tmp_path / "w1.h5") == _mask_bytes(tmp_path / "w2.h5")
+    assert _mask_bytes(tmp_path / "w1.h5") != _mask_bytes(tmp_path / "s5.h5")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--n", "0"], "count must be > 0"),
+    (["--n", "-3"], "count"),
+    (["--n", "1x"], "not a count"),
+    (["--n", "10", "--size", "4"], "at least 8x8"),
+    (["--n", "10", "--probabilities", "softmax"], "softmax"),
+    (["--n", "10", "--maps", "3-2"], "lo <= hi"),
+])
+def test_masks_bad_arguments(tmp_path, args, needle):
+    res = CliRunner().invoke(main, ["masks", *args, "--out", str(tmp_path / "m.h5")])
+    assert res.exit_code != 0
+    assert needle in res.output
+
+
+def test_masks_unwritable_output(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = CliRunner().invoke(main, ["masks", "--n", "5", "--out", str(blocker / "m.h5")])
+    assert res.exit_code == 2
+    assert "error:" in res.output and str(blocker) in res.output
+    assert not os.path.exists(str(blocker / "m.h5"))
+
+
+def test_count_suffixes():
+    from fractalsynth.paths import parse_count
+    assert parse_count("10k") == 10000 and parse_count("1m") == 1000000
+    assert parse_count("2.5k") == 2500 and parse_count(7) == 7

@@ -1,0 +1,158 @@
+import hashlib
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from fractalsynth.anomaly import AnomalyConfig, FractalAnomaly
+from fractalsynth.cli import main
+from fractalsynth.generate import generate, index_dataset
+from fractalsynth.images import list_images, load_image
+from fractalsynth.shards import ShardDataset, ShardError, shard_name, verify_dataset
+
+CFG = AnomalyConfig(size=48)
+
+
+def _digest(folder):
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".h5"):
+            with open(os.path.join(folder, name), "rb") as fh:
+                h.update(name.encode() + fh.read())
+    return h.hexdigest()
+
+
+def test_workers_give_identical_shards(normals_dir, tmp_path):
+    generate(normals_dir, str(tmp_path / "a"), 300, CFG, seed=1, shard_size=128, workers=1)
+    generate(normals_dir, str(tmp_path / "b"), 300, CFG, seed=1, shard_size=128, workers=2)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert verify_dataset(str(tmp_path / "a")) == []
+
+
+def test_reader_matches_fractal_anomaly(normals_dir, tmp_path):
+    out = str(tmp_path / "ds")
+    generate(normals_dir, out, 40, CFG, seed=3, shard_size=16)
+    ds = ShardDataset(out)
+    assert len(ds) == 40
+    paths = list_images(normals_dir)
+    perm = np.random.default_rng([3, 3]).permutation(len(paths))
+    gen = FractalAnomaly(config=CFG, size=48, seed=3)
+    seen = set()
+    for k, s, e in ds.blocks(8):
+        rb = ds.records(k, s, e)
+        batch = ds.compose_batch(rb)
+        for j in range(len(rb)):
+            i = int(rb.sample_index[j])
+            seen.add(i)
+            want = gen(load_image(paths[perm[i % len(paths)]]), i)
+            for got, w in zip((batch[0][j], batch[1][j], batch[2][j]), want):
+                assert np.array_equal(got, w)
+    assert seen == set(range(40))
+    n, a, m = ds[5]
+    assert m.any() and n.shape == (48, 48, 3)
+    got = [b for b in ds.iter_batches(7, seed=0)]
+    assert sum(len(b[0]) for b in got) == 40
+
+
+def test_kill_and_resume_is_byte_identical(normals_dir, tmp_path):
+    full = str(tmp_path / "full")
+    generate(normals_dir, full, 200, CFG, seed=0, shard_size=64)
+    part = str(tmp_path / "part")
+    generate(normals_dir, part, 200, CFG, seed=0, shard_size=64, shard_range=(0, 2))
+    assert not os.path.exists(os.path.join(part, "manifest.json"))
+    # a shard being written when the job died
+    with open(os.path.join(part, shard_name(2) + ".partial"), "wb") as fh:
+        fh.write(b"\x89HDF half written")
+    generate(normals_dir, part, 200, CFG, seed=0, shard_size=64)
+    assert _digest(full) == _digest(part)
+    assert not any(n.endswith(".partial") for n in os.listdir(part))
+
+
+def test_shard_range_jobs_then_index(normals_dir, tmp_path):
+    out = str(tmp_path / "ds")
+    generate(normals_dir, out, 150, CFG, seed=0, shard_size=50, shard_range=(2, 3))
+    with pytest.raises(ShardError, match="missing"):
+        index_dataset(out)
+    generate(normals_dir, out, 150, CFG, seed=0, shard_size=50, shard_range=(0, 2))
+    assert os.path.exists(os.path.join(out, "manifest.json"))
+    os.remove(os.path.join(out, "manifest.json"))
+    index_dataset(out)
+    assert len(ShardDataset(out)) == 150
+
+
+def test_mismatched_rerun_refused(normals_dir, tmp_path):
+    out = str(tmp_path / "ds")
+    generate(normals_dir, out, 30, CFG, seed=0, shard_size=16)
+    with pytest.raises(ShardError, match="seed"):
+        generate(normals_dir, out, 30, CFG, seed=1, shard_size=16)
+    with pytest.raises(ShardError, match="config"):
+        generate(normals_dir, out, 30, AnomalyConfig(size=48, placement="auto"), seed=0,
+                 shard_size=16)
+
+
+def test_verify_detects_truncated_corrupt_and_foreign(normals_dir, tmp_path):
+    out = str(tmp_path / "ds")
+    generate(normals_dir, out, 60, CFG, seed=0, shard_size=20)
+    s0, s1 = os.path.join(out, shard_name(0)), os.path.join(out, shard_name(1))
+    with open(s0, "r+b") as fh:  # truncate
+        fh.truncate(os.path.getsize(s0) // 2)
+    import h5py
+    with h5py.File(s1, "r+") as f:  # flip pixels in place
+        px = f["pixels"][()]
+        px[:50] ^= 0xFF
+        f["pixels"][...] = px
+    with open(os.path.join(out, "stray.h5"), "wb") as fh:
+        fh.write(b"not hdf5")
+    problems = verify_dataset(out)
+    text = "\n".join(problems)
+    assert shard_name(0) in text and shard_name(1) in text and "stray.h5" in text
+    assert "checksum" in text
+    res = CliRunner().invoke(main, ["verify", out])
+    assert res.exit_code == 1
+    with pytest.raises(ShardError, match=shard_name(0)):
+        ShardDataset(out)[0]
+
+
+def test_bad_inputs(tmp_path, normals_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = CliRunner()
+    res = r.invoke(main, ["generate", "--normals", str(empty), "--n", "10", "--out",
+                          str(tmp_path / "o")])
+    assert res.exit_code == 2 and "no images found" in res.output
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"\x89PNG garbage")
+    import shutil
+    shutil.copy(os.path.join(normals_dir, "n0.png"), bad / "ok.png")
+    res = r.invoke(main, ["generate", "--normals", str(bad), "--n", "10", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "broken.png" in res.output and "--skip-bad" in res.output
+    res = r.invoke(main, ["generate", "--normals", str(bad), "--n", "10", "--size", "32",
+                          "--skip-bad", "--out", str(tmp_path / "o2")])
+    assert res.exit_code == 0, res.output
+    assert "broken.png" in res.output
+    res = r.invoke(main, ["generate", "--normals", str(bad), "--n", "10", "--shard-range", "3:9",
+                          "--out", str(tmp_path / "o3")])
+    assert res.exit_code == 2 and "shard-range" in res.output
+    res = r.invoke(main, ["info", str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and "no such dataset" in res.output
+
+
+def test_cli_info_preview_export(normals_dir, tmp_path):
+    out = str(tmp_path / "ds")
+    r = CliRunner()
+    res = r.invoke(main, ["generate", "--normals", normals_dir, "--n", "20", "--size", "32",
+                          "--out", out, "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(main, ["info", out])
+    assert res.exit_code == 0 and '"samples": 20' in res.output
+    res = r.invoke(main, ["preview", out, "--n", "4", "--out", str(tmp_path / "p.png")])
+    assert res.exit_code == 0 and os.path.getsize(tmp_path / "p.png") > 0
+    res = r.invoke(main, ["preview", "--normals", normals_dir, "--n", "3", "--size", "32",
+                          "--out", str(tmp_path / "q.png")])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(main, ["export", out, "--out", str(tmp_path / "png"), "--limit", "5"])
+    assert res.exit_code == 0, res.output
+    for sub in ("image", "mask", "normal"):
+        assert len(os.listdir(tmp_path / "png" / sub)) == 5
