@@ -1,0 +1,171 @@
+"""FractalAD: frozen teacher, trained student, cosine-similarity attention, semantic-flow head.
+
+Training sees (normal, anomalous, mask) triples:
+
+- distillation: on the NORMAL image, ``sum over stages of mean(1 - cos(t, s))`` along channels;
+- cosine-similarity attention (CSAM): on the ANOMALOUS image, per stage
+  ``a = (1 - cos(t, s)) / 2`` and the head reads ``(a * s).detach()``;
+- the semantic-flow FPN head predicts the mask (BCE on logits + soft Dice).
+
+Texture mode (``kd=False``) has no student: the head reads the frozen teacher's features.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backbones import build_backbone, load_pretrained
+
+# Categories of MVTec AD and their paper settings: textures skip distillation, objects on plain
+# backgrounds use foreground placement.
+TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
+PLAIN_BACKGROUND = ("capsule", "pill", "screw", "toothbrush", "zipper")
+OBJECTS = ("bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush",
+           "transistor", "zipper")
+PRESETS = {c: {"kd": c not in TEXTURES,
+               "placement": "foreground" if c in PLAIN_BACKGROUND else "uniform"}
+           for c in TEXTURES + OBJECTS}
+
+
+def cosine_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """1 - cosine similarity along channels: [B, C, H, W] x2 -> [B, H, W]."""
+    return 1.0 - F.cosine_similarity(t, s, dim=1, eps=1e-6)
+
+
+def cosine_attention(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """CSAM: the student feature weighted by (1 - cos(t, s)) / 2, detached from the student."""
+    a = (0.5 * cosine_distance(t, s)).unsqueeze(1)
+    return (a * s).detach()
+
+
+def distillation_loss(teacher_feats, student_feats) -> torch.Tensor:
+    """Sum over stages of the mean cosine distance."""
+    return sum(cosine_distance(t, s).mean() for t, s in zip(teacher_feats, student_feats))
+
+
+def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Binary cross-entropy on logits + soft Dice (per image, averaged)."""
+    bce = F.binary_cross_entropy_with_logits(logits, mask)
+    p = torch.sigmoid(logits).flatten(1)
+    m = mask.flatten(1)
+    dice = 1.0 - (2.0 * (p * m).sum(1) + smooth) / (p.sum(1) + m.sum(1) + smooth)
+    return bce + dice.mean()
+
+
+def _conv_bn_relu(cin, cout, k=3):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class FlowAlign(nn.Module):
+    """Warp a coarse map onto a finer grid by a learned flow (SFNet's alignment module)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.flow = nn.Conv2d(2 * channels, 2, 3, padding=1, bias=False)
+
+    def forward(self, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = fine.shape
+        up = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+        flow = self.flow(torch.cat([fine, up], dim=1))
+        ys = torch.linspace(-1.0, 1.0, h, device=fine.device, dtype=flow.dtype)
+        xs = torch.linspace(-1.0, 1.0, w, device=fine.device, dtype=flow.dtype)
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        grid = torch.stack([gx, gy], dim=-1).unsqueeze(0)
+        # flow is in pixels of the fine grid; grid_sample wants [-1, 1] units
+        scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=fine.device,
+                             dtype=flow.dtype)
+        grid = grid + flow.permute(0, 2, 3, 1) * scale
+        return F.grid_sample(coarse, grid.to(coarse.dtype), mode="bilinear", padding_mode="border",
+                             align_corners=True)
+
+
+class SemanticFlowHead(nn.Module):
+    """Semantic-flow FPN: 1x1 laterals, flow-aligned top-down path, fuse at stride 4, 1 logit."""
+
+    def __init__(self, in_channels):
+        super().__init__()
+        c = min(in_channels)
+        self.lateral = nn.ModuleList(nn.Conv2d(ci, c, 1) for ci in in_channels)
+        self.align = nn.ModuleList(FlowAlign(c) for _ in in_channels[:-1])
+        self.smooth = nn.ModuleList(_conv_bn_relu(c, c) for _ in in_channels)
+        self.fuse = _conv_bn_relu(c * len(in_channels), c)
+        self.out = nn.Conv2d(c, 1, 3, padding=1)
+
+    def forward(self, feats, out_size):
+        lat = [conv(f) for conv, f in zip(self.lateral, feats)]
+        top = lat[-1]
+        levels = [self.smooth[-1](top)]
+        for i in range(len(lat) - 2, -1, -1):
+            top = lat[i] + self.align[i](lat[i], top)
+            levels.insert(0, self.smooth[i](top))
+        size = levels[0].shape[-2:]
+        fused = torch.cat([levels[0]] + [F.interpolate(p, size=size, mode="bilinear",
+                                                       align_corners=False) for p in levels[1:]], 1)
+        logits = self.out(self.fuse(fused))
+        return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+
+
+class FractalAD(nn.Module):
+    """The detector. ``forward(images)`` gives anomaly-map logits; ``training_losses`` trains it."""
+
+    def __init__(self, backbone: str = "efficientnet_lite0", kd: bool = True,
+                 weights: str | None = None, pretrained: bool = True):
+        super().__init__()
+        self.backbone_name = backbone
+        self.kd = kd
+        self.teacher = load_pretrained(backbone, weights) if pretrained else build_backbone(backbone)
+        self.teacher.requires_grad_(False)
+        self.student = build_backbone(backbone) if kd else None
+        self.head = SemanticFlowHead(self.teacher.channels)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # frozen: its batch-norm statistics never move
+        return self
+
+    def head_features(self, t_feats, s_feats):
+        if not self.kd:
+            return t_feats
+        return [cosine_attention(t, s) for t, s in zip(t_feats, s_feats)]
+
+    def forward(self, images: torch.Tensor, normal: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None):
+        """Anomaly-map logits [B, 1, H, W] for images [B, C, H, W] in [0, 1].
+
+        Given the ``normal`` twins and the ``mask`` too, returns the training losses instead
+        (``images`` being the anomalous ones), so DDP can wrap the training call.
+        """
+        if mask is not None:
+            return self.training_losses(normal, images, mask)
+        with torch.no_grad():
+            t = self.teacher(images)
+        s = self.student(images) if self.kd else None
+        return self.head(self.head_features(t, s), images.shape[-2:])
+
+    def anomaly_map(self, images: torch.Tensor) -> torch.Tensor:
+        """sigmoid of the logits: per-pixel anomaly probability."""
+        return torch.sigmoid(self(images))
+
+    def training_losses(self, normal: torch.Tensor, anomalous: torch.Tensor, mask: torch.Tensor):
+        """(total, distillation, segmentation) losses of one batch."""
+        b = normal.shape[0]
+        if self.kd:
+            both = torch.cat([normal, anomalous], dim=0)  # one pass each for teacher and student
+            with torch.no_grad():
+                t = self.teacher(both)
+            s = self.student(both)
+            kd = distillation_loss([f[:b] for f in t], [f[:b] for f in s])
+            feats = self.head_features([f[b:] for f in t], [f[b:] for f in s])
+        else:
+            with torch.no_grad():
+                feats = self.teacher(anomalous)
+            kd = torch.zeros((), device=normal.device)
+        logits = self.head(feats, anomalous.shape[-2:])
+        seg = segmentation_loss(logits.float(), mask)
+        return kd + seg, kd.detach(), seg.detach()
+
+    def trainable_state(self) -> dict:
+        """Student and head weights (the teacher is the public checkpoint)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}

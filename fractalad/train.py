@@ -1,0 +1,245 @@
+"""``fit``: train FractalAD from a shard dataset, resumably, on CPU, one GPU or many (DDP).
+
+The schedule is counted in optimizer steps; ``epochs`` converts with the paper's epoch of 391
+samples. Batch ``k`` of an epoch is fixed by (seed, epoch), so a resumed run takes exactly the
+batches an uninterrupted one would. Run folder: ``config.json``, ``metrics.csv``,
+``checkpoint.pt`` (periodic, for ``--resume``) and ``model.pt`` (final, for test / predict).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import __version__
+from .data import DeviceNormals, RecordBatches, batch_order, make_loader
+from .model import FractalAD
+
+PAPER_EPOCH_SAMPLES = 391
+RUN_SCHEMA = "fractalad.run"
+RUN_VERSION = 1
+
+
+@dataclass
+class FitConfig:
+    """Training settings; defaults are the paper's."""
+
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = None
+    kd: bool = True
+    epochs: float = 100.0
+    steps: int | None = None  # overrides epochs
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 2
+    bf16: bool = True  # autocast on CUDA only
+    compile: bool = False
+    channels_last: bool = True
+    checkpoint_every: int = 500
+    log_every: int = 25
+
+    def total_steps(self) -> int:
+        if self.steps is not None:
+            return int(self.steps)
+        return max(1, math.ceil(self.epochs * PAPER_EPOCH_SAMPLES / self.batch_size))
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; a clear error for an unavailable choice."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but torch sees no GPU; use --device cpu")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def _dist_info():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device):
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA)."""
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+        if device.type == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local)
+            return torch.device("cuda", local)
+    return device
+
+
+class Trainer:
+    """Holds the model, optimizer and data path of one run; ``step`` is one optimizer update."""
+
+    def __init__(self, shards_dir: str, cfg: FitConfig, device: torch.device | None = None):
+        from fractalsynth.shards import ShardDataset
+        self.cfg = cfg
+        self.device = device or pick_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.shards = ShardDataset(shards_dir)
+        self.batches = RecordBatches(self.shards, cfg.batch_size)
+        self.normals = DeviceNormals(self.shards, self.device)
+        self.model = FractalAD(cfg.backbone, cfg.kd, cfg.weights).to(self.device)
+        cuda = self.device.type == "cuda"
+        if cuda and cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     fused=cuda or None)
+        self.rank, self.world = _dist_info()
+        self.net = self.model
+        if self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if cuda else None)
+        self._step_fn = self._train_step
+        if cfg.compile:
+            self._step_fn = torch.compile(self._train_step)
+        self.step_count = 0
+
+    def _train_step(self, normal, anomalous, mask):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                            enabled=self.cfg.bf16 and self.device.type == "cuda"):
+            total, kd, seg = self.net(anomalous, normal, mask)
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        self.opt.step()
+        return total.detach(), kd, seg
+
+    def to_inputs(self, batch):
+        normal, anomalous, mask = self.normals.rebuild(batch)
+        if self.device.type == "cuda" and self.cfg.channels_last:
+            normal = normal.contiguous(memory_format=torch.channels_last)
+            anomalous = anomalous.contiguous(memory_format=torch.channels_last)
+        return normal, anomalous, mask
+
+    def step(self, batch):
+        """One optimizer update from a loader batch; returns device scalars (no host sync)."""
+        self.model.train()
+        out = self._step_fn(*self.to_inputs(batch))
+        self.step_count += 1
+        return out
+
+    def batches_from(self, start_step: int, total: int, workers: int):
+        """Loader batches for steps ``start_step`` .. ``total - 1``, epoch by epoch."""
+        n = len(self.batches)
+        per_rank = max(1, n // self.world)
+        step = start_step
+        while step < total:
+            epoch, offset = divmod(step, per_rank)
+            order = batch_order(n, self.cfg.seed, epoch, self.rank, self.world)[:per_rank]
+            order = order[offset:offset + (total - step)]
+            for batch in make_loader(self.batches, order, workers):
+                yield batch
+                step += 1
+
+    def state(self) -> dict:
+        return {"model": self.model.trainable_state(), "optimizer": self.opt.state_dict(),
+                "step": self.step_count, "config": asdict(self.cfg)}
+
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"], strict=False)
+        self.opt.load_state_dict(state["optimizer"])
+        self.step_count = int(state["step"])
+
+
+def _atomic_save(obj, path):
+    tmp = path + ".partial"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def run_metadata(cfg: FitConfig, shards_dir: str, trainer: Trainer) -> dict:
+    return {"schema": RUN_SCHEMA, "version": RUN_VERSION, "fractalad_version": __version__,
+            "fit": asdict(cfg), "shards": os.path.abspath(shards_dir),
+            "size": trainer.shards.size, "channels": trainer.shards.channels,
+            "shards_params_hash": trainer.shards.manifest["params_hash"]}
+
+
+def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, progress=True,
+        log=print) -> dict:
+    """Train and write the run folder; returns a summary (steps, seconds, samples/s, last loss)."""
+    device = init_distributed(pick_device(cfg.device))
+    trainer = Trainer(shards_dir, cfg, device)
+    rank = trainer.rank
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt = os.path.join(out_dir, "checkpoint.pt")
+    meta = run_metadata(cfg, shards_dir, trainer)
+    if resume:
+        if not os.path.isfile(ckpt):
+            raise FileNotFoundError(f"{ckpt}: nothing to resume; drop --resume to start afresh")
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise ValueError(f"{ckpt} was made with other settings; resume with the same options")
+        trainer.load_state(state)
+    elif os.path.isfile(os.path.join(out_dir, "model.pt")) or os.path.isfile(ckpt):
+        raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it or "
+                              "choose another --out")
+    if rank == 0:
+        with open(os.path.join(out_dir, "config.json"), "w") as fh:
+            json.dump(meta, fh, indent=1)
+    total = cfg.total_steps()
+    metrics_path = os.path.join(out_dir, "metrics.csv")
+    new_csv = not (resume and os.path.exists(metrics_path))
+    csv_fh = open(metrics_path, "a" if not new_csv else "w", newline="") if rank == 0 else None
+    writer = csv.writer(csv_fh) if csv_fh else None
+    if writer and new_csv:
+        writer.writerow(["step", "epoch", "loss", "kd", "seg", "samples_per_s", "seconds"])
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=trainer.step_count, desc="fit", unit="step", dynamic_ncols=True)
+    sums = torch.zeros(3, device=device)
+    count = 0
+    t0 = time.perf_counter()
+    t_log = t0
+    start = trainer.step_count
+    last = {}
+    for batch in trainer.batches_from(start, total, cfg.workers):
+        total_l, kd, seg = trainer.step(batch)
+        sums += torch.stack([total_l.float(), kd.float(), seg.float()])
+        count += 1
+        s = trainer.step_count
+        if s % cfg.log_every == 0 or s == total:
+            vals = (sums / count).tolist()  # the only host sync, every log_every steps
+            now = time.perf_counter()
+            rate = count * cfg.batch_size * trainer.world / max(now - t_log, 1e-9)
+            last = {"step": s, "loss": vals[0], "kd": vals[1], "seg": vals[2], "samples_per_s": rate}
+            if writer:
+                writer.writerow([s, round(s * cfg.batch_size / PAPER_EPOCH_SAMPLES, 3),
+                                 *(round(v, 6) for v in vals), round(rate, 1), round(now - t0, 2)])
+                csv_fh.flush()
+            if bar:
+                bar.set_postfix(loss=f"{vals[0]:.4f}", kd=f"{vals[1]:.3f}", seg=f"{vals[2]:.3f}",
+                                sps=f"{rate:.0f}")
+            sums.zero_()
+            count = 0
+            t_log = now
+        if bar:
+            bar.update(1)
+        if rank == 0 and (s % cfg.checkpoint_every == 0 or s == total):
+            _atomic_save(trainer.state(), ckpt)
+    seconds = time.perf_counter() - t0
+    if bar:
+        bar.close()
+    if csv_fh:
+        csv_fh.close()
+    if rank == 0:
+        _atomic_save({"meta": meta, "model": trainer.model.trainable_state()},
+                     os.path.join(out_dir, "model.pt"))
+    done = trainer.step_count - start
+    return {"steps": trainer.step_count, "seconds": seconds,
+            "samples_per_s": done * cfg.batch_size * trainer.world / max(seconds, 1e-9), **last}
