@@ -1,0 +1,4 @@
+"""``python -m fractalad`` (also what ``torchrun -m fractalad fit ...`` runs)."""
+from .cli import main
+
+main()

@@ -1,0 +1,127 @@
+"""Command line: ``fractalad fit | test | predict | export | demo``."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from .backbones import BACKBONES
+from .model import PRESETS
+
+
+def _fail_cleanly(fn):
+    """Library errors become one line on stderr and exit status 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, OSError, RuntimeError, KeyError) as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fractalsynth")
+def main():
+    """FractalAD: train on fractalsynth shards, test on real defects, predict, export."""
+
+
+@main.command()
+@click.argument("shards", type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder.")
+@click.option("--backbone", type=click.Choice(BACKBONES), default="efficientnet_lite0", show_default=True)
+@click.option("--weights", type=click.Path(), default=None,
+              help="ImageNet checkpoint for the teacher (default: Lite0 ships; ResNets download).")
+@click.option("--epochs", type=float, default=100.0, show_default=True,
+              help="Paper epochs of 391 samples.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (overrides --epochs).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-3, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Record-reading processes.")
+@click.option("--kd/--no-kd", default=None, help="Distillation (default: on, or the preset's).")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
+              help="MVTec category: textures train without distillation.")
+@click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the step.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@_fail_cleanly
+def fit(shards, out, backbone, weights, epochs, steps, batch_size, lr, weight_decay, seed, device,
+        workers, kd, preset, compile, checkpoint_every, resume):
+    """Train FractalAD from a shard dataset into a run folder."""
+    from .train import FitConfig, fit as run
+    if kd is None:
+        kd = PRESETS[preset]["kd"] if preset else True
+    cfg = FitConfig(backbone=backbone, weights=weights, kd=kd, epochs=epochs, steps=steps,
+                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+                    device=device, workers=workers, compile=compile,
+                    checkpoint_every=checkpoint_every)
+    summary = run(shards, out, cfg, resume=resume)
+    click.echo(f"{out}: {summary['steps']} steps, {summary['samples_per_s']:.1f} samples/s, "
+               f"last loss {summary.get('loss', float('nan')):.4f}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--data", type=click.Path(), required=True, help="MVTec-layout folder.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Default: RUN_DIR/test.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--overlays", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Overlay PNGs of the N worst and best cases.")
+@_fail_cleanly
+def test(run_dir, data, out, device, overlays):
+    """Metrics (image_AUROC, pixel_AUROC, AUPRO, F1Max) per defect type, and overlays."""
+    from .evaluate import format_table, test_run
+    report = test_run(run_dir, data, out, device, overlays)
+    click.echo(format_table(report["metrics"]))
+    click.echo(f"{report['n_images']} images, {report['images_per_s']:.1f} images/s on "
+               f"{report['device']}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), required=True)
+@click.option("--threshold", type=float, default=None,
+              help="Decision threshold (default: the F1Max thresholds saved by 'test').")
+@click.option("--device", default="auto", show_default=True)
+@_fail_cleanly
+def predict(run_dir, paths, out, threshold, device):
+    """Scores, heatmaps and binary masks for images or folders."""
+    from .evaluate import predict as run
+    click.echo(f"wrote {run(run_dir, paths, out, threshold, device)}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), required=True)
+@click.option("--out", type=click.Path(), required=True)
+@_fail_cleanly
+def export(run_dir, fmt, out):
+    """Export the anomaly-map model as ONNX or TorchScript."""
+    from .export import export_run
+    click.echo(f"wrote {export_run(run_dir, fmt, out)}")
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False), default="fractalad-demo", show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@_fail_cleanly
+def demo(out, steps, device, seed):
+    """Build a texture defect set, generate shards, train, test, and write a report."""
+    from .demo import run_demo
+    report = run_demo(out, steps=steps, device=device, seed=seed)
+    click.echo(json.dumps(report["metrics"]["all"], indent=1))
+    click.echo(f"report: {report['report']}")
+
+
+if __name__ == "__main__":
+    main()

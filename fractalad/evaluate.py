@@ -1,0 +1,264 @@
+"""Test on MVTec-layout folders, predict on any images, and draw heatmap overlays.
+
+Layout: ``DATA/test/<type>/<image>`` ('good' = normal) and
+``DATA/ground_truth/<type>/<stem>_mask.png``. Types without a ground-truth folder are scored
+at image level only. Pixel metrics are computed at the model's input size (masks are resized
+with nearest neighbour), as anomalib does.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+from fractalsynth.images import ImageError, list_images, load_image, prepare_normal
+
+from .metrics import detection_metrics, f1_max
+from .model import FractalAD
+from .train import RUN_SCHEMA, RUN_VERSION, pick_device
+
+
+class RunError(ValueError):
+    """A run folder that cannot be used; the message says why and what to do."""
+
+
+def load_run(run_dir: str, device: str | torch.device = "auto"):
+    """(model in eval mode on ``device``, run metadata) from a ``fractalad fit`` folder."""
+    path = os.path.join(run_dir, "model.pt")
+    if not os.path.isfile(path):
+        raise RunError(f"{path}: missing; is {run_dir} a finished 'fractalad fit' run?")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        meta = state["meta"]
+    except Exception as e:
+        raise RunError(f"{path}: unreadable ({type(e).__name__}); re-run 'fractalad fit'") from None
+    if meta.get("schema") != RUN_SCHEMA or int(meta.get("version", 0)) != RUN_VERSION:
+        raise RunError(f"{path}: run format {meta.get('schema')} v{meta.get('version')} is not "
+                       f"this fractalad's ({RUN_SCHEMA} v{RUN_VERSION}); re-train with this version")
+    fit = meta["fit"]
+    device = pick_device(device) if isinstance(device, str) else device
+    model = FractalAD(fit["backbone"], fit["kd"], fit.get("weights"))
+    model.load_state_dict(state["model"], strict=False)
+    return model.to(device).eval(), meta
+
+
+@dataclass
+class TestSet:
+    """Images of an MVTec-layout test folder with labels, types and optional masks."""
+
+    paths: list
+    types: list
+    labels: np.ndarray
+    mask_paths: list  # None where the type has no ground truth (or the image is good)
+
+
+def read_test_set(root: str) -> TestSet:
+    """Parse DATA/test and DATA/ground_truth; clear errors for missing or orphan files."""
+    test_dir = os.path.join(root, "test")
+    gt_dir = os.path.join(root, "ground_truth")
+    if not os.path.isdir(test_dir):
+        raise ImageError(f"{test_dir}: missing; --data must be an MVTec-layout folder with "
+                         "test/<type>/ (and ground_truth/<type>/ for masks)")
+    types = sorted(d for d in os.listdir(test_dir) if os.path.isdir(os.path.join(test_dir, d)))
+    if not types:
+        raise ImageError(f"{test_dir}: no defect-type folders inside")
+    paths, tlist, labels, masks = [], [], [], []
+    for t in types:
+        imgs = list_images(os.path.join(test_dir, t), recursive=False)
+        tgt = os.path.join(gt_dir, t)
+        have_gt = t != "good" and os.path.isdir(tgt)
+        stems = set()
+        for p in imgs:
+            stem = os.path.splitext(os.path.basename(p))[0]
+            stems.add(stem)
+            mp = None
+            if have_gt:
+                mp = os.path.join(tgt, f"{stem}_mask.png")
+                if not os.path.isfile(mp):
+                    raise ImageError(f"{mp}: missing mask for {p}; add it or remove the image")
+            paths.append(p)
+            tlist.append(t)
+            labels.append(0 if t == "good" else 1)
+            masks.append(mp)
+        if have_gt:
+            for m in sorted(os.listdir(tgt)):
+                stem = m[:-len("_mask.png")] if m.endswith("_mask.png") else None
+                if stem is None or stem not in stems:
+                    raise ImageError(f"{os.path.join(tgt, m)}: mask without a test image "
+                                     f"(expected test/{t}/{stem or m}.*); remove it")
+    labels = np.array(labels)
+    if labels.min() == labels.max():
+        raise ImageError(f"{test_dir}: needs both 'good' and defect images to score detection")
+    return TestSet(paths, tlist, labels, masks)
+
+
+def preprocess(paths, size: int, channels: int, sizes: list | None = None) -> np.ndarray:
+    """uint8 [N, C, S, S] images prepared like the training normals (original sizes to ``sizes``)."""
+    out = []
+    for p in paths:
+        img = load_image(p)
+        if sizes is not None:
+            sizes.append(img.shape[:2])
+        out.append(prepare_normal(img, size, channels))
+    return np.stack(out).transpose(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def anomaly_maps(model: FractalAD, images_u8: np.ndarray, batch_size: int = 32):
+    """(maps float32 [N, S, S], images/s) for uint8 [N, C, S, S] images."""
+    device = next(model.parameters()).device
+    out = []
+    cuda = device.type == "cuda"
+    use_bf16 = cuda
+    warm = torch.from_numpy(images_u8[:min(2, len(images_u8))]).to(device).float() / 255
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        model.anomaly_map(warm)
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for s in range(0, len(images_u8), batch_size):
+        x = torch.from_numpy(images_u8[s:s + batch_size]).to(device).float() / 255
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            m = model.anomaly_map(x)
+        out.append(m[:, 0].float().cpu().numpy())
+    dt = time.perf_counter() - t
+    return np.concatenate(out), len(images_u8) / max(dt, 1e-9)
+
+
+def _heat_overlay(image: np.ndarray, amap: np.ndarray) -> np.ndarray:
+    rgb = image if image.shape[2] == 3 else np.repeat(image, 3, axis=2)
+    heat = cv2.applyColorMap(np.clip(amap * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
+    return cv2.addWeighted(rgb, 0.55, heat, 0.45, 0)
+
+
+def overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, title: str) -> np.ndarray:
+    """image | heatmap overlay | ground truth, with a title band (RGB uint8)."""
+    rgb = image if image.shape[2] == 3 else np.repeat(image, 3, axis=2)
+    gt = np.zeros_like(rgb) if mask is None else np.repeat((mask > 0).astype(np.uint8)[:, :, None] * 255, 3, 2)
+    row = np.concatenate([rgb, _heat_overlay(image, amap), gt], axis=1)
+    band = np.full((18, row.shape[1], 3), 255, np.uint8)
+    cv2.putText(band, title, (4, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([band, row], axis=0)
+
+
+def _write_rgb(path, img):
+    if not cv2.imwrite(path, img[:, :, ::-1]):
+        raise OSError(f"cannot write {path}")
+
+
+def format_table(metrics: dict) -> str:
+    """Metrics as a plain-text table, one row per defect type plus 'all'."""
+    cols = ["image_AUROC", "image_AUROC_mean", "image_F1Max", "pixel_AUROC", "pixel_F1Max", "AUPRO"]
+    lines = [f"{'type':<12}" + "".join(f"{c:>18}" for c in cols)]
+    for name, row in metrics.items():
+        lines.append(f"{name:<12}" + "".join(
+            f"{row.get(c, float('nan')):>18.4f}" for c in cols))
+    return "\n".join(lines)
+
+
+def test_run(run_dir: str, data: str, out: str | None = None, device: str = "auto",
+             n_overlays: int = 8, batch_size: int = 32) -> dict:
+    """Score the test set: metrics.json, a table, thresholds, overlays of worst / best cases."""
+    model, meta = load_run(run_dir, device)
+    ts = read_test_set(data)
+    out = out or os.path.join(run_dir, "test")
+    os.makedirs(out, exist_ok=True)
+    size, ch = meta["size"], meta["channels"]
+    t0 = time.perf_counter()
+    images = preprocess(ts.paths, size, ch)
+    maps, ips = anomaly_maps(model, images, batch_size)
+    smax, smean = maps.reshape(len(maps), -1).max(1), maps.reshape(len(maps), -1).mean(1)
+    gts = np.zeros(maps.shape, np.uint8)
+    has_px = np.array([m is not None or lab == 0 for m, lab in zip(ts.mask_paths, ts.labels)])
+    for i, mp in enumerate(ts.mask_paths):
+        if mp is not None:
+            m = cv2.imread(mp, cv2.IMREAD_GRAYSCALE)
+            if m is None:
+                raise ImageError(f"{mp}: unreadable mask; replace it")
+            gts[i] = cv2.resize((m > 127).astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+    types = np.array(ts.types)
+    results = {}
+    for t in sorted(set(ts.types) - {"good"}) + ["all"]:
+        sel = (types == t) | (types == "good") if t != "all" else np.ones(len(types), bool)
+        px = sel & has_px
+        pixel = (maps[px], gts[px]) if (px & (ts.labels == 1)).any() else (None, None)
+        results[t] = detection_metrics(smax[sel], smean[sel], ts.labels[sel], *pixel)
+    thresholds = {"image": f1_max(smax, ts.labels)[1]}
+    if (has_px & (ts.labels == 1)).any():
+        thresholds["pixel"] = f1_max(maps[has_px], gts[has_px])[1]
+    report = {"metrics": results, "thresholds": thresholds, "images_per_s": ips,
+              "device": str(next(model.parameters()).device), "n_images": len(ts.paths),
+              "seconds": time.perf_counter() - t0, "data": os.path.abspath(data),
+              "image_score": "max of the map (image_*_mean: mean of the map)"}
+    with open(os.path.join(out, "metrics.json"), "w") as fh:
+        json.dump(report, fh, indent=1)
+    with open(os.path.join(run_dir, "thresholds.json"), "w") as fh:
+        json.dump(thresholds, fh, indent=1)
+    imgs_hwc = images.transpose(0, 2, 3, 1)
+    defect = np.flatnonzero(ts.labels == 1)
+    good = np.flatnonzero(ts.labels == 0)
+    picks = {"worst_defect": defect[np.argsort(smax[defect])[:n_overlays]],
+             "worst_good": good[np.argsort(-smax[good])[:n_overlays]],
+             "best_defect": defect[np.argsort(-smax[defect])[:n_overlays]]}
+    for kind, idx in picks.items():
+        for rank, i in enumerate(idx):
+            title = f"{kind} #{rank}: {ts.types[i]}/{os.path.basename(ts.paths[i])} score {smax[i]:.3f}"
+            _write_rgb(os.path.join(out, f"{kind}_{rank:02d}.png"),
+                       overlay(imgs_hwc[i], maps[i], gts[i] if ts.mask_paths[i] else None, title))
+    return report
+
+
+def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
+            device: str = "auto", batch_size: int = 32) -> str:
+    """Heatmaps, binary masks and a scores.csv for images or folders; returns the CSV path.
+
+    Thresholds: ``threshold`` for both decisions, else the F1Max thresholds ``test`` saved
+    (image: max of the map; pixel: the mask), else 0.5.
+    """
+    model, meta = load_run(run_dir, device)
+    paths = []
+    for p in inputs:
+        if os.path.isdir(p):
+            paths += list_images(p)
+        elif os.path.isfile(p):
+            paths.append(p)
+        else:
+            raise ImageError(f"{p}: no such file or folder")
+    if threshold is not None:
+        thresholds = {"image": threshold, "pixel": threshold}
+    else:
+        tpath = os.path.join(run_dir, "thresholds.json")
+        thresholds = {"image": 0.5, "pixel": 0.5}
+        if os.path.isfile(tpath):
+            with open(tpath) as fh:
+                thresholds.update(json.load(fh))
+        thresholds.setdefault("pixel", thresholds["image"])
+    os.makedirs(os.path.join(out, "heatmap"), exist_ok=True)
+    os.makedirs(os.path.join(out, "mask"), exist_ok=True)
+    size, ch = meta["size"], meta["channels"]
+    csv_path = os.path.join(out, "scores.csv")
+    with open(csv_path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "score_max", "score_mean", "anomalous", "image_threshold",
+                    "pixel_threshold"])
+        for s in range(0, len(paths), batch_size):
+            chunk = paths[s:s + batch_size]
+            sizes = []
+            imgs = preprocess(chunk, size, ch, sizes)
+            maps, _ = anomaly_maps(model, imgs, batch_size)
+            for p, img, m, (h0, w0) in zip(chunk, imgs.transpose(0, 2, 3, 1), maps, sizes):
+                stem = os.path.splitext(os.path.basename(p))[0]
+                full = cv2.resize(m, (w0, h0), interpolation=cv2.INTER_LINEAR)
+                _write_rgb(os.path.join(out, "heatmap", f"{stem}.png"), _heat_overlay(img, m))
+                cv2.imwrite(os.path.join(out, "mask", f"{stem}.png"),
+                            ((full >= thresholds["pixel"]) * 255).astype(np.uint8))
+                w.writerow([p, f"{m.max():.6f}", f"{m.mean():.6f}",
+                            int(m.max() >= thresholds["image"]), f"{thresholds['image']:.6f}",
+                            f"{thresholds['pixel']:.6f}"])
+    return csv_path
