@@ -19,7 +19,7 @@ import torch
 
 from fractalsynth.images import ImageError, list_images, load_image, prepare_normal
 
-from .metrics import detection_metrics, f1_max
+from .metrics import detection_metrics
 from .model import FractalAD
 from .train import RUN_SCHEMA, RUN_VERSION, pick_device
 
@@ -111,22 +111,17 @@ def preprocess(paths, size: int, channels: int, sizes: list | None = None) -> np
 
 @torch.no_grad()
 def anomaly_maps(model: FractalAD, images_u8: np.ndarray, batch_size: int = 32):
-    """(maps float32 [N, S, S], images/s) for uint8 [N, C, S, S] images."""
+    """(maps float32 [N, S, S], images/s) for uint8 [N, C, S, S] images; float32 throughout,
+    since bf16 maps tie many pixel scores and bias the pixel metrics."""
     device = next(model.parameters()).device
     out = []
-    cuda = device.type == "cuda"
-    use_bf16 = cuda
-    warm = torch.from_numpy(images_u8[:min(2, len(images_u8))]).to(device).float() / 255
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        model.anomaly_map(warm)
-    if cuda:
+    model.anomaly_map(torch.from_numpy(images_u8[:1]).to(device).float() / 255)  # warm-up
+    if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
     for s in range(0, len(images_u8), batch_size):
         x = torch.from_numpy(images_u8[s:s + batch_size]).to(device).float() / 255
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            m = model.anomaly_map(x)
-        out.append(m[:, 0].float().cpu().numpy())
+        out.append(model.anomaly_map(x)[:, 0].cpu().numpy())
     dt = time.perf_counter() - t
     return np.concatenate(out), len(images_u8) / max(dt, 1e-9)
 
@@ -189,9 +184,9 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
         px = sel & has_px
         pixel = (maps[px], gts[px]) if (px & (ts.labels == 1)).any() else (None, None)
         results[t] = detection_metrics(smax[sel], smean[sel], ts.labels[sel], *pixel)
-    thresholds = {"image": f1_max(smax, ts.labels)[1]}
-    if (has_px & (ts.labels == 1)).any():
-        thresholds["pixel"] = f1_max(maps[has_px], gts[has_px])[1]
+    thresholds = {"image": results["all"]["image_threshold"]}
+    if "pixel_threshold" in results["all"]:
+        thresholds["pixel"] = results["all"]["pixel_threshold"]
     report = {"metrics": results, "thresholds": thresholds, "images_per_s": ips,
               "device": str(next(model.parameters()).device), "n_images": len(ts.paths),
               "seconds": time.perf_counter() - t0, "data": os.path.abspath(data),

@@ -64,21 +64,28 @@ class FlowAlign(nn.Module):
     def __init__(self, channels):
         super().__init__()
         self.flow = nn.Conv2d(2 * channels, 2, 3, padding=1, bias=False)
+        self._grids = {}
+
+    def base_grid(self, h: int, w: int, device) -> torch.Tensor:
+        """Identity sampling grid [1, h, w, 2] in [-1, 1] (float32, cached per size)."""
+        key = (h, w, str(device))
+        if key not in self._grids:
+            ys = torch.linspace(-1.0, 1.0, h, device=device)
+            xs = torch.linspace(-1.0, 1.0, w, device=device)
+            gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+            self._grids[key] = torch.stack([gx, gy], dim=-1).unsqueeze(0)
+        return self._grids[key]
 
     def forward(self, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = fine.shape
+        h, w = fine.shape[-2:]
         up = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
-        flow = self.flow(torch.cat([fine, up], dim=1))
-        ys = torch.linspace(-1.0, 1.0, h, device=fine.device, dtype=flow.dtype)
-        xs = torch.linspace(-1.0, 1.0, w, device=fine.device, dtype=flow.dtype)
-        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-        grid = torch.stack([gx, gy], dim=-1).unsqueeze(0)
-        # flow is in pixels of the fine grid; grid_sample wants [-1, 1] units
-        scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=fine.device,
-                             dtype=flow.dtype)
-        grid = grid + flow.permute(0, 2, 3, 1) * scale
-        return F.grid_sample(coarse, grid.to(coarse.dtype), mode="bilinear", padding_mode="border",
-                             align_corners=True)
+        flow = self.flow(torch.cat([fine, up], dim=1)).float()
+        # flow is in pixels of the fine grid; grid_sample wants [-1, 1] units (kept in float32:
+        # bf16 cannot resolve a pixel of a 64-pixel grid near the border)
+        scale = flow.new_tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)])
+        grid = self.base_grid(h, w, fine.device) + flow.permute(0, 2, 3, 1) * scale
+        return F.grid_sample(coarse.float(), grid, mode="bilinear", padding_mode="border",
+                             align_corners=True).to(coarse.dtype)
 
 
 class SemanticFlowHead(nn.Module):
@@ -145,8 +152,8 @@ class FractalAD(nn.Module):
         return self.head(self.head_features(t, s), images.shape[-2:])
 
     def anomaly_map(self, images: torch.Tensor) -> torch.Tensor:
-        """sigmoid of the logits: per-pixel anomaly probability."""
-        return torch.sigmoid(self(images))
+        """sigmoid of the logits: per-pixel anomaly probability (float32)."""
+        return torch.sigmoid(self(images).float())
 
     def training_losses(self, normal: torch.Tensor, anomalous: torch.Tensor, mask: torch.Tensor):
         """(total, distillation, segmentation) losses of one batch."""

@@ -32,6 +32,7 @@ class FitConfig:
 
     backbone: str = "efficientnet_lite0"
     weights: str | None = None
+    pretrained: bool = True  # False: random teacher (timing only)
     kd: bool = True
     epochs: float = 100.0
     steps: int | None = None  # overrides epochs
@@ -93,8 +94,11 @@ class Trainer:
         self.shards = ShardDataset(shards_dir)
         self.batches = RecordBatches(self.shards, cfg.batch_size)
         self.normals = DeviceNormals(self.shards, self.device)
-        self.model = FractalAD(cfg.backbone, cfg.kd, cfg.weights).to(self.device)
+        self.model = FractalAD(cfg.backbone, cfg.kd, cfg.weights, cfg.pretrained).to(self.device)
+        self.model.train()
         cuda = self.device.type == "cuda"
+        if cuda:
+            torch.backends.cudnn.benchmark = True
         if cuda and cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -128,7 +132,6 @@ class Trainer:
 
     def step(self, batch):
         """One optimizer update from a loader batch; returns device scalars (no host sync)."""
-        self.model.train()
         out = self._step_fn(*self.to_inputs(batch))
         self.step_count += 1
         return out

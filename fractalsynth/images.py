@@ -91,6 +91,7 @@ def resize(image: np.ndarray, height: int, width: int, nearest: bool = False) ->
     h, w = image.shape[:2]
     if (h, w) == (height, width):
         return image
+    keep_axis = image.ndim == 3
     if nearest:
         out = cv2.resize(image, (width, height), interpolation=cv2.INTER_NEAREST)
     elif height <= h and width <= w:
@@ -101,7 +102,7 @@ def resize(image: np.ndarray, height: int, width: int, nearest: bool = False) ->
         out = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
     else:
         out = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
-    return out.reshape(height, width, -1) if image.ndim == 3 else out
+    return out.reshape(height, width, -1) if keep_axis else out
 
 
 def prepare_normal(image: np.ndarray, size: int, channels: int) -> np.ndarray:

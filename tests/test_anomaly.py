@@ -112,3 +112,12 @@ def test_unusable_inputs_and_options():
         FractalAnomaly(size=32, content="texture")(_image(), 0)
     with pytest.raises(ValueError, match="8x8"):
         AnomalyConfig(size=4)
+
+
+@pytest.mark.parametrize("shape", [(600, 520, 1), (600, 520), (530, 700, 3), (100, 90, 1)])
+def test_resize_keeps_channel_axis(shape):
+    from fractalsynth.images import prepare_normal, resize
+    img = np.zeros(shape, np.uint8)
+    out = resize(img, 64, 64)
+    assert out.ndim == len(shape) and out.shape[:2] == (64, 64)
+    assert prepare_normal(img, 64, 1).shape == (64, 64, 1)

@@ -1,0 +1,110 @@
+"""Training throughput: the step fed from shards vs the identical step on a device-resident batch.
+
+    python benchmarks/bench_fit.py --backbone resnet18 --batch-size 32 --device cuda
+
+Random weights (timing only). Without --shards, a dataset of --samples samples is generated
+from --normals first. Prints one final JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+from fractalad.train import FitConfig, Trainer  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_NORMALS = os.path.join(HERE, "..", "..", "shared", "data", "magnetic_tile", "magnetic_tile",
+                               "train", "good")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--steps", type=int, default=100, help="timed steps per mode")
+    ap.add_argument("--warmup", type=int, default=15)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--shards", default=None)
+    ap.add_argument("--normals", default=DEFAULT_NORMALS)
+    ap.add_argument("--samples", type=int, default=None, help="default: enough for warm-up + steps")
+    ap.add_argument("--kd", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--no-channels-last", action="store_true")
+    ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    args = ap.parse_args(argv)
+
+    shards = args.shards
+    tmp = None
+    gen_seconds = None
+    if shards is None:
+        from fractalsynth.anomaly import AnomalyConfig
+        from fractalsynth.generate import generate
+        tmp = tempfile.mkdtemp(prefix="bench_fit_")
+        shards = os.path.join(tmp, "shards")
+        n = args.samples or args.batch_size * (args.steps + args.warmup + 8)
+        t = time.perf_counter()
+        generate(args.normals, shards, n, AnomalyConfig(size=args.size), shard_size=n,
+                 workers=os.cpu_count() or 1, log=lambda m: None)
+        gen_seconds = time.perf_counter() - t
+    cfg = FitConfig(backbone=args.backbone, pretrained=False, kd=args.kd, batch_size=args.batch_size,
+                    device=args.device, workers=args.workers, compile=args.compile,
+                    channels_last=not args.no_channels_last, bf16=not args.fp32,
+                    steps=args.steps + args.warmup)
+    tr = Trainer(shards, cfg)
+    dev = tr.device
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    batches = tr.batches_from(0, args.warmup + args.steps, args.workers)
+    first = None
+    for _ in range(args.warmup):
+        b = next(batches)
+        first = first or b
+        tr.step(b)
+    _sync(dev)
+    t = time.perf_counter()
+    for b in batches:
+        tr.step(b)
+    _sync(dev)
+    shard_sps = args.steps * args.batch_size / (time.perf_counter() - t)
+
+    resident = tr.to_inputs(first)
+    for _ in range(3):
+        tr._step_fn(*resident)
+    _sync(dev)
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        tr._step_fn(*resident)
+    _sync(dev)
+    resident_sps = args.steps * args.batch_size / (time.perf_counter() - t)
+    result = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+        "backbone": args.backbone, "batch_size": args.batch_size, "size": args.size, "kd": args.kd,
+        "bf16": cfg.bf16 and dev.type == "cuda", "channels_last": cfg.channels_last,
+        "compile": args.compile, "workers": args.workers, "steps": args.steps,
+        "shard_samples_per_s": round(shard_sps, 1), "resident_samples_per_s": round(resident_sps, 1),
+        "ratio": round(shard_sps / resident_sps, 3), "generate_seconds": gen_seconds,
+    }
+    if tmp:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
