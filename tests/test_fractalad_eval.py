@@ -1,0 +1,169 @@
+import json
+import os
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from skimage.measure import label
+
+from fractalad.cli import main
+from fractalad.metrics import aupro, auroc, f1_max, pixel_metrics
+
+
+def _brute_auroc(s, y):
+    pos, neg = s[y == 1], s[y == 0]
+    return np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+
+
+def _brute_f1(s, y):
+    best = 0
+    for t in np.unique(s):
+        pred = s >= t
+        tp = (pred & (y == 1)).sum()
+        prec = tp / max(pred.sum(), 1)
+        rec = tp / (y == 1).sum()
+        best = max(best, 2 * prec * rec / (prec + rec) if prec + rec else 0)
+    return best
+
+
+def _brute_aupro(maps, masks, limit=0.3):
+    fprs, pros = [0.0], [0.0]
+    for t in np.unique(maps)[::-1]:
+        pred = maps >= t
+        fprs.append((pred & ~masks).sum() / (~masks).sum())
+        ov = []
+        for i in range(len(masks)):
+            lab, n = label(masks[i], connectivity=2, return_num=True)
+            ov += [pred[i][lab == r].mean() for r in range(1, n + 1)]
+        pros.append(np.mean(ov))
+    fprs, pros = np.array(fprs), np.array(pros)
+    x = np.linspace(0, limit, 2001)
+    return np.trapezoid(np.interp(x, fprs, pros), x) / limit
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_metrics_match_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    s = np.round(rng.random(60), 1)  # ties on purpose
+    y = (rng.random(60) < 0.4).astype(int)
+    assert auroc(s, y) == pytest.approx(_brute_auroc(s, y), abs=1e-12)
+    assert f1_max(s, y)[0] == pytest.approx(_brute_f1(s, y), abs=1e-12)
+    masks = np.zeros((3, 12, 12), bool)
+    masks[0, 2:5, 2:6] = True
+    masks[0, 8:11, 7:9] = True
+    masks[1, 4:9, 4:9] = True
+    maps = np.round(rng.random(masks.shape) * 0.6 + masks * rng.random(masks.shape) * 0.5, 2)
+    assert aupro(maps, masks) == pytest.approx(_brute_aupro(maps, masks), abs=2e-3)
+    px = pixel_metrics(maps, masks)
+    assert px["pixel_AUROC"] == pytest.approx(_brute_auroc(maps.ravel(), masks.ravel()), abs=1e-12)
+    assert auroc([1, 2], [1, 1]) != auroc([1, 2], [1, 1])  # nan with one class
+
+
+def _make_mvtec(root, n=3, size=48):
+    rng = np.random.default_rng(0)
+    for t in ("good", "spot"):
+        os.makedirs(root / "test" / t, exist_ok=True)
+    os.makedirs(root / "ground_truth" / "spot", exist_ok=True)
+    os.makedirs(root / "train" / "good", exist_ok=True)
+    for i in range(n):
+        base = cv2.GaussianBlur(rng.integers(80, 180, (size, size)).astype(np.uint8), (0, 0), 1)
+        cv2.imwrite(str(root / "train" / "good" / f"{i}.png"), base)
+        cv2.imwrite(str(root / "test" / "good" / f"{i}.png"), base)
+        m = np.zeros((size, size), np.uint8)
+        cv2.circle(m, (20, 20), 5, 255, -1)
+        cv2.imwrite(str(root / "test" / "spot" / f"{i}.png"), np.where(m > 0, 250, base).astype(np.uint8))
+        cv2.imwrite(str(root / "ground_truth" / "spot" / f"{i}_mask.png"), m)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from fractalsynth.anomaly import AnomalyConfig
+    from fractalsynth.generate import generate
+    from fractalad.train import FitConfig, fit
+    root = tmp_path_factory.mktemp("ev")
+    data = root / "data"
+    _make_mvtec(data)
+    generate(str(data / "train" / "good"), str(root / "shards"), 16, AnomalyConfig(size=32), shard_size=16)
+    cfg = FitConfig(backbone="efficientnet_lite0", kd=True, steps=2, batch_size=4, workers=0,
+                    device="cpu")
+    fit(str(root / "shards"), str(root / "run"), cfg, progress=False)
+    return root
+
+
+def test_test_predict_export_end_to_end(tiny_run, tmp_path):
+    r = CliRunner()
+    run, data = str(tiny_run / "run"), str(tiny_run / "data")
+    res = r.invoke(main, ["test", run, "--data", data, "--device", "cpu", "--overlays", "2"])
+    assert res.exit_code == 0, res.output
+    assert "pixel_AUROC" in res.output and "spot" in res.output
+    report = json.load(open(os.path.join(run, "test", "metrics.json")))
+    assert set(report["metrics"]) == {"spot", "all"}
+    assert 0 <= report["metrics"]["all"]["AUPRO"] <= 1
+    assert any(f.startswith("worst_good") for f in os.listdir(os.path.join(run, "test")))
+    out = str(tmp_path / "pred")
+    res = r.invoke(main, ["predict", run, os.path.join(data, "test", "spot"), "--out", out,
+                          "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    rows = open(os.path.join(out, "scores.csv")).read().strip().splitlines()
+    assert len(rows) == 4 and len(os.listdir(os.path.join(out, "mask"))) == 3
+    from fractalad.evaluate import load_run
+    model, meta = load_run(run, "cpu")
+    x = torch.rand(2, meta["channels"], meta["size"], meta["size"])
+    with torch.no_grad():
+        ref = model.anomaly_map(x).numpy()
+    ts = str(tmp_path / "m.pt")
+    assert r.invoke(main, ["export", run, "--format", "torchscript", "--out", ts]).exit_code == 0
+    with torch.no_grad():
+        np.testing.assert_allclose(torch.jit.load(ts)(x).numpy(), ref, atol=1e-5)
+    onnx_path = str(tmp_path / "m.onnx")
+    res = r.invoke(main, ["export", run, "--format", "onnx", "--out", onnx_path])
+    assert res.exit_code == 0, res.output
+    import onnxruntime as ort
+    sess = ort.InferenceSession(onnx_path)
+    np.testing.assert_allclose(sess.run(None, {"images": x.numpy()})[0], ref, atol=1e-4)
+
+
+def test_bad_inputs_to_test_and_predict(tiny_run, tmp_path):
+    r = CliRunner()
+    run, data = str(tiny_run / "run"), tiny_run / "data"
+    res = r.invoke(main, ["test", run, "--data", str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and "MVTec-layout" in res.output
+    bad = tmp_path / "bad"
+    shutil.copytree(data, bad)
+    cv2.imwrite(str(bad / "ground_truth" / "spot" / "orphan_mask.png"), np.zeros((8, 8), np.uint8))
+    res = r.invoke(main, ["test", run, "--data", str(bad), "--device", "cpu"])
+    assert res.exit_code == 2 and "orphan_mask.png" in res.output and "without a test image" in res.output
+    os.remove(bad / "ground_truth" / "spot" / "orphan_mask.png")
+    os.remove(bad / "ground_truth" / "spot" / "0_mask.png")
+    res = r.invoke(main, ["test", run, "--data", str(bad), "--device", "cpu"])
+    assert res.exit_code == 2 and "0_mask.png" in res.output and "missing mask" in res.output
+    (bad / "test" / "spot" / "junk.png").write_bytes(b"nope")
+    res = r.invoke(main, ["predict", run, str(bad / "test" / "spot" / "junk.png"), "--out",
+                          str(tmp_path / "p"), "--device", "cpu"])
+    assert res.exit_code == 2 and "junk.png" in res.output
+    res = r.invoke(main, ["predict", run, str(tmp_path / "none.png"), "--out", str(tmp_path / "p")])
+    assert res.exit_code == 2 and "no such file" in res.output
+    old = tmp_path / "oldrun"
+    old.mkdir()
+    state = torch.load(os.path.join(run, "model.pt"), weights_only=False)
+    state["meta"]["version"] = 99
+    torch.save(state, old / "model.pt")
+    res = r.invoke(main, ["test", str(old), "--data", str(data)])
+    assert res.exit_code == 2 and "re-train" in res.output
+    res = r.invoke(main, ["test", str(tmp_path), "--data", str(data)])
+    assert res.exit_code == 2 and "model.pt" in res.output
+
+
+def test_demo_dataset_has_masks_for_every_defect(tmp_path):
+    from fractalad.demo import make_dataset
+    from fractalad.evaluate import read_test_set
+    root = make_dataset(str(tmp_path / "demo"), n_train=3, n_test=2)
+    ts = read_test_set(root)
+    assert set(ts.types) == {"good", "foreign_blob", "scratch", "hole"}
+    for mp, lab in zip(ts.mask_paths, ts.labels):
+        assert (mp is not None) == (lab == 1)
+        if mp:
+            assert cv2.imread(mp, cv2.IMREAD_GRAYSCALE).max() == 255

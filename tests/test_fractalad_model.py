@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+import torch
+
+from fractalad.backbones import build_backbone, load_pretrained
+from fractalad.model import FractalAD, cosine_attention, distillation_loss, segmentation_loss
+
+
+def _prep(img, size=224):
+    import cv2
+    x = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+    return torch.from_numpy(x).permute(2, 0, 1)[None].float() / 255
+
+
+def test_lite0_imagenet_weights_classify_skimage_photos():
+    from skimage import data
+    net = load_pretrained("efficientnet_lite0", with_head=True).eval()
+    with torch.no_grad():
+        cat = net.classify(_prep(data.chelsea())).topk(5).indices[0].tolist()
+        coffee = net.classify(_prep(data.coffee())).topk(5).indices[0].tolist()
+    assert cat[0] in range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+    assert {967, 968, 504} & set(coffee)  # espresso, cup, coffee mug
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18", "resnet50"])
+def test_backbone_stage_strides(name):
+    net = build_backbone(name).eval()
+    with torch.no_grad():
+        feats = net(torch.rand(1, 3, 64, 64))
+    assert [f.shape[-1] for f in feats] == [16, 8, 4, 2]
+    assert [f.shape[1] for f in feats] == list(net.channels)
+
+
+def test_resnet_parameter_names_match_torchvision():
+    keys = set(build_backbone("resnet18", with_head=True).state_dict())
+    for k in ("conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer2.0.downsample.0.weight",
+              "layer4.1.bn2.weight", "fc.weight", "fc.bias"):
+        assert k in keys
+    keys50 = set(build_backbone("wide_resnet50_2").state_dict())
+    assert "layer3.5.conv3.weight" in keys50
+    assert build_backbone("wide_resnet50_2").layer1[0].conv1.out_channels == 128
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--weights"):
+        load_pretrained("resnet18", str(tmp_path / "nope.pth"))
+    bad = tmp_path / "bad.pth"
+    torch.save({"something": torch.zeros(1)}, bad)
+    with pytest.raises(RuntimeError, match="lack"):
+        load_pretrained("resnet18", str(bad))
+
+
+def test_no_gradient_reaches_student_through_attention():
+    torch.manual_seed(0)
+    model = FractalAD("resnet18", kd=True, pretrained=False).train()
+    x = torch.rand(2, 3, 64, 64)
+    model(x).sum().backward()
+    assert all(p.grad is None for p in model.student.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.parameters())
+    t, s = torch.rand(1, 8, 4, 4), torch.rand(1, 8, 4, 4, requires_grad=True)
+    assert not cosine_attention(t, s).requires_grad
+
+
+def test_losses_behave():
+    t = [torch.rand(2, 4, 8, 8)]
+    assert distillation_loss(t, t).abs() < 1e-5
+    assert distillation_loss(t, [-t[0]]) > 1.9
+    mask = (torch.rand(2, 1, 16, 16) > 0.7).float()
+    good = segmentation_loss(torch.where(mask > 0, 8.0, -8.0), mask)
+    bad = segmentation_loss(torch.where(mask > 0, -8.0, 8.0), mask)
+    assert good < 0.01 < 1.0 < bad
+
+
+def test_texture_mode_has_no_student():
+    model = FractalAD("efficientnet_lite0", kd=False, pretrained=False)
+    assert model.student is None
+    n, a, m = torch.rand(2, 1, 64, 64), torch.rand(2, 1, 64, 64), torch.zeros(2, 1, 64, 64)
+    total, kd, seg = model.training_losses(n, a, m)
+    assert kd == 0 and torch.isfinite(total)

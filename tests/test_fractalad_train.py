@@ -1,0 +1,117 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from fractalsynth.anomaly import AnomalyConfig
+from fractalsynth.generate import generate
+from fractalad.train import FitConfig, Trainer, fit
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory):
+    import cv2
+    root = tmp_path_factory.mktemp("tiny")
+    normals = root / "normals"
+    normals.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        img = cv2.GaussianBlur(rng.integers(60, 200, (72, 80)).astype(np.uint8), (0, 0), 1)
+        cv2.imwrite(str(normals / f"{i}.png"), img)
+    out = str(root / "shards")
+    generate(str(normals), out, 96, AnomalyConfig(size=64), seed=0, shard_size=48)
+    return out
+
+
+def _cfg(**kw):
+    base = dict(backbone="resnet18", pretrained=False, batch_size=4, workers=0, device="cpu",
+                log_every=1, checkpoint_every=1000)
+    base.update(kw)
+    return FitConfig(**base)
+
+
+def test_training_lowers_the_loss(tiny_shards):
+    torch.manual_seed(0)
+    tr = Trainer(tiny_shards, _cfg(steps=30, lr=2e-3))
+    losses = [float(tr.step(b)[0]) for b in tr.batches_from(0, 30, 0)]
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_checkpoint_resume_round_trips_exactly(tiny_shards):
+    cfg = _cfg(steps=6)
+    straight = Trainer(tiny_shards, cfg)
+    for b in straight.batches_from(0, 6, 0):
+        straight.step(b)
+    first = Trainer(tiny_shards, cfg)
+    for b in first.batches_from(0, 3, 0):
+        first.step(b)
+    saved = first.state()
+    resumed = Trainer(tiny_shards, cfg)
+    resumed.load_state(saved)
+    for b in resumed.batches_from(resumed.step_count, 6, 0):
+        resumed.step(b)
+    a, c = straight.model.trainable_state(), resumed.model.trainable_state()
+    assert a.keys() == c.keys()
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_fit_writes_a_run_and_refuses_to_clobber(tiny_shards, tmp_path):
+    run = str(tmp_path / "run")
+    summary = fit(tiny_shards, run, _cfg(steps=3, checkpoint_every=2), progress=False)
+    assert summary["steps"] == 3
+    for f in ("config.json", "metrics.csv", "checkpoint.pt", "model.pt"):
+        assert os.path.isfile(os.path.join(run, f))
+    with pytest.raises(FileExistsError, match="--resume"):
+        fit(tiny_shards, run, _cfg(steps=3), progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        fit(tiny_shards, run, _cfg(steps=5), resume=True, progress=False)
+    assert fit(tiny_shards, run, _cfg(steps=3, checkpoint_every=2), resume=True,
+               progress=False)["steps"] == 3
+
+
+def test_fit_fails_clearly_on_bad_shards(tmp_path, tiny_shards):
+    with pytest.raises(ValueError, match="no such dataset"):
+        Trainer(str(tmp_path / "missing"), _cfg(steps=1))
+    with pytest.raises(ValueError, match="full batch"):
+        Trainer(tiny_shards, _cfg(steps=1, batch_size=64))
+
+
+def _ddp_worker(rank, world, init, shards, q):
+    import copy
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    cfg = _cfg(steps=1)
+    tr = Trainer(shards, cfg)  # wraps the model in DDP (world size 2)
+    local = copy.deepcopy(tr.model)
+    batch = next(iter(tr.batches_from(0, 1, 0)))
+    n, a, m = tr.to_inputs(batch)
+    tr.net(a, n, m)[0].backward()
+    local(a, n, m)[0].backward()
+    names = [k for k, p in tr.model.named_parameters() if p.grad is not None]
+    ddp = torch.cat([dict(tr.model.named_parameters())[k].grad.flatten() for k in names])
+    own = torch.cat([dict(local.named_parameters())[k].grad.flatten() for k in names])
+    gathered = [torch.zeros_like(own) for _ in range(world)]
+    dist.all_gather(gathered, own)
+    q.put((rank, ddp.numpy(), torch.stack(gathered).mean(0).numpy(), tr.rank, tr.world))
+    dist.destroy_process_group()
+
+
+def test_ddp_gloo_gradients_agree(tiny_shards, tmp_path):
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, init, tiny_shards, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    results.sort(key=lambda r: r[0])
+    (_, g0, mean0, rank0, world0), (_, g1, mean1, _, _) = results
+    assert world0 == 2
+    np.testing.assert_allclose(g0, g1, rtol=1e-5, atol=1e-7)  # every rank holds the same gradient
+    np.testing.assert_allclose(g0, mean0, rtol=1e-4, atol=1e-6)  # = mean of the ranks' own gradients
+    assert np.abs(g0).sum() > 0
