@@ -1,26 +1,17 @@
 """Command line: ``fractalad fit | test | predict | export | demo``."""
 from __future__ import annotations
 
-import functools
 import json
-import sys
 
 import click
+
+from fractalsynth.cli import fail_cleanly
 
 from .backbones import BACKBONES
 from .model import PRESETS
 
 
-def _fail_cleanly(fn):
-    """Library errors become one line on stderr and exit status 2."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, OSError, RuntimeError, KeyError) as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-    return wrapper
+_fail_cleanly = fail_cleanly(RuntimeError)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

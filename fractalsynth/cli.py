@@ -15,16 +15,23 @@ from .paths import parse_count
 from .placement import PLACEMENTS
 
 
-def _fail_cleanly(fn):
-    """Turn library errors into one line on stderr and exit status 2."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, OSError, KeyError) as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-    return wrapper
+def fail_cleanly(*extra: type):
+    """Decorator: library errors (and ``extra`` types) become one stderr line and exit status 2."""
+    caught = (ValueError, OSError, KeyError, *extra)
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except caught as e:
+                click.echo(f"error: {e}", err=True)
+                sys.exit(2)
+        return wrapper
+    return decorate
+
+
+_fail_cleanly = fail_cleanly()
 
 
 class Count(click.ParamType):
