@@ -35,6 +35,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--mask-source", default="fractal", choices=["fractal", "perlin", "rectangle"])
     ap.add_argument("--placement", default="uniform")
+    ap.add_argument("--cut-scale", default="0.1-0.5", help="anomaly size range, fraction of the side")
     ap.add_argument("--kd", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=4)
@@ -58,7 +59,8 @@ def main(argv=None):
     t = time.perf_counter()
     shards = os.path.join(work, "shards")
     generate(os.path.join(args.data, "train", "good"), shards, n,
-             AnomalyConfig(size=args.size, mask_source=args.mask_source, placement=args.placement),
+             AnomalyConfig(size=args.size, mask_source=args.mask_source, placement=args.placement,
+                           cut_scale=tuple(float(v) for v in args.cut_scale.split("-"))),
              seed=args.seed, shard_size=min(n, 10000), workers=os.cpu_count() or 1,
              log=lambda m: None)
     seconds["generate"] = time.perf_counter() - t
@@ -74,6 +76,7 @@ def main(argv=None):
     result = {
         "data": os.path.basename(os.path.normpath(args.data)), "device": dev,
         "backbone": args.backbone, "kd": args.kd, "mask_source": args.mask_source,
+        "cut_scale": args.cut_scale,
         "size": args.size, "steps": summary["steps"], "batch_size": args.batch_size,
         "train_samples_per_s": round(summary["samples_per_s"], 1),
         "test_images_per_s": round(report["images_per_s"], 1),

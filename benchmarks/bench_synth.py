@@ -93,18 +93,25 @@ def baseline_sample(src: Image.Image, rng, index: int, size: int = 256):
     return np.array(normal), np.array(anomalous), np.array(mask)
 
 
-def _rate(fn, items, n):
-    fn(items[0], 0)
-    t = time.perf_counter()
-    for i in range(n):
-        fn(items[i % len(items)], i)
-    return n / (time.perf_counter() - t)
+def _rates(fns, items, counts, repeats):
+    """Median calls/s of each function, timed in interleaved rounds (this machine drifts)."""
+    for fn in fns:
+        fn(items[0], 0)
+    rates = [[] for _ in fns]
+    for _ in range(repeats):
+        for k, (fn, n) in enumerate(zip(fns, counts)):
+            t = time.perf_counter()
+            for i in range(n):
+                fn(items[i % len(items)], i)
+            rates[k].append(n / (time.perf_counter() - t))
+    return [float(np.median(r)) for r in rates]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=300, help="samples per timing (ours: 5x as many)")
     ap.add_argument("--normals", default=DEFAULT_NORMALS)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     cv2.setNumThreads(1)
     import numba
@@ -117,9 +124,10 @@ def main(argv=None):
                           interpolation=cv2.INTER_LINEAR) for g in greys]
         pil = [Image.fromarray(im) for im in rgb]
         gen = FractalAnomaly(size=256, seed=0)
-        ours = _rate(lambda im, i: gen(im, i), rgb, 5 * args.n)
         rng = np.random.default_rng(0)
-        base = _rate(lambda im, i: baseline_sample(im, rng, i), pil, args.n)
+        ours, base = _rates([lambda im, i: gen(rgb[i % len(rgb)], i),
+                             lambda im, i: baseline_sample(pil[i % len(pil)], rng, i)],
+                            rgb, [5 * args.n, args.n], args.repeats)
         result[f"from_{src_size}"] = {
             "samples_per_s_per_core": round(ours, 1),
             "baseline_samples_per_s_per_core": round(base, 1),

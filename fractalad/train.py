@@ -92,6 +92,7 @@ class Trainer:
         self.device = device or pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.shards = ShardDataset(shards_dir)
+        self.shards.check_files()
         self.batches = RecordBatches(self.shards, cfg.batch_size)
         self.normals = DeviceNormals(self.shards, self.device)
         self.model = FractalAD(cfg.backbone, cfg.kd, cfg.weights, cfg.pretrained).to(self.device)
@@ -187,6 +188,10 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
         state = torch.load(ckpt, map_location=device, weights_only=False)
         if state["config"] != asdict(cfg):
             raise ValueError(f"{ckpt} was made with other settings; resume with the same options")
+        with open(os.path.join(out_dir, "config.json")) as fh:
+            if json.load(fh).get("shards_params_hash") != meta["shards_params_hash"]:
+                raise ValueError(f"{out_dir} was trained on another shard dataset than "
+                                 f"{shards_dir}; resume with the same shards")
         trainer.load_state(state)
     elif os.path.isfile(os.path.join(out_dir, "model.pt")) or os.path.isfile(ckpt):
         raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it or "

@@ -231,14 +231,19 @@ def _patch_color_change(rng, patch: np.ndarray, cfg: AnomalyConfig) -> np.ndarra
     return apply_color_transform(patch, m[0], o[0])
 
 
-def _rotate(patch: np.ndarray, alpha: np.ndarray, degrees: float):
-    """Rotate patch and alpha about the centre without expanding; corners become transparent."""
+def _rotate(patch: np.ndarray, degrees: float):
+    """Rotate the patch about its centre without expanding; returns it and its alpha (the
+    rotated square, drawn as a polygon: the corners outside it become transparent)."""
     c = patch.shape[0]
-    rot = cv2.getRotationMatrix2D(((c - 1) / 2.0, (c - 1) / 2.0), degrees, 1.0)
+    centre = (c - 1) / 2.0
+    rot = cv2.getRotationMatrix2D((centre, centre), degrees, 1.0)
     p = cv2.warpAffine(patch, rot, (c, c), flags=cv2.INTER_LINEAR,
                        borderMode=cv2.BORDER_REPLICATE).reshape(patch.shape)
-    a = cv2.warpAffine(alpha, rot, (c, c), flags=cv2.INTER_NEAREST, borderValue=0)
-    return p, a
+    corners = np.array([[-0.5, -0.5], [c - 0.5, -0.5], [c - 0.5, c - 0.5], [-0.5, c - 0.5]])
+    poly = corners @ rot[:, :2].T + rot[:, 2]
+    alpha = np.zeros((c, c), np.uint8)
+    cv2.fillConvexPoly(alpha, np.round(poly * 16).astype(np.int32), 1, cv2.LINE_8, 4)
+    return p, alpha
 
 
 def _bbox(mask: np.ndarray):
@@ -252,7 +257,9 @@ def _bbox(mask: np.ndarray):
 def _paste(rng, image, fg, cfg, pool, textures, content_p):
     """Steps 1-4 on ``image``: the pasted region (y, x, pixels, alpha) and the content kind."""
     h, w, ch = image.shape
-    kind = CONTENTS.index(content_p[0][int(rng.choice(len(content_p[0]), p=content_p[1]))])
+    names, cum = content_p
+    kind = CONTENTS.index(names[min(int(np.searchsorted(cum, rng.random(), side="right")),
+                                    len(names) - 1)])
     for _ in range(_MAX_TRIES):
         c, (sy, sx), (dy, dx) = choose_locations(rng, image.shape, cfg.placement, fg,
                                                  cfg.cut_scale, cfg.fg_cut_scale)
@@ -263,8 +270,7 @@ def _paste(rng, image, fg, cfg, pool, textures, content_p):
         if rng.random() < 0.5:
             patch = patch[::-1]
         patch = np.ascontiguousarray(patch)
-        alpha = np.ones((c, c), np.uint8)
-        patch, alpha = _rotate(patch, alpha, rng.uniform(*cfg.rotation))
+        patch, alpha = _rotate(patch, rng.uniform(*cfg.rotation))
         alpha &= _shape_mask(rng, cfg, c)
         if alpha.any():
             break
@@ -273,7 +279,8 @@ def _paste(rng, image, fg, cfg, pool, textures, content_p):
     region = image[dy:dy + c, dx:dx + c]
     a = alpha[:, :, None]
     if cfg.blend == "paste":
-        pasted = np.where(a > 0, patch, region)
+        pasted = region.copy()
+        cv2.copyTo(patch, alpha, pasted)
     else:
         op = rng.uniform(*cfg.opacity)
         mixed = region.astype(np.float32) * (1 - op) + patch.astype(np.float32) * op
@@ -312,7 +319,7 @@ def synthesize_record(normal: np.ndarray, rng: np.random.Generator, cfg: Anomaly
     channels) is where the paste happens before resizing to ``normal``'s size.
     """
     weights = np.array([w for _, w in cfg.content], dtype=np.float64)
-    content_p = ([n for n, _ in cfg.content], weights / weights.sum())
+    content_p = ([n for n, _ in cfg.content], np.cumsum(weights / weights.sum()))
     s = normal.shape[0]
     if cfg.resolution == "source" and source is not None and source.shape[:2] != normal.shape[:2]:
         dy, dx, pasted, alpha, kind = _paste(rng, source, fg, cfg, pool, textures, content_p)

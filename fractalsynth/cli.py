@@ -98,6 +98,8 @@ def synth_options(fn):
         click.option("--blend", type=click.Choice(BLENDS), default="paste", show_default=True),
         click.option("--opacity", default="0.5-1.0", show_default=True,
                      help="Patch weight range for --blend alpha."),
+        click.option("--cut-scale", default="0.1-0.5", show_default=True,
+                     help="Anomaly cut size range, as a fraction of the shorter side."),
         click.option("--resolution", type=click.Choice(["output", "source"]), default="output",
                      show_default=True, help="Synthesise at the output size (fast) or the source's."),
         click.option("--channels", type=click.Choice(["auto", "grey", "rgb"]), default="auto",
@@ -110,11 +112,12 @@ def synth_options(fn):
     return ifs_options(fn)
 
 
-def _synth_config(size, placement, content, mask_source, blend, opacity, resolution, channels,
-                  **kw) -> AnomalyConfig:
+def _synth_config(size, placement, content, mask_source, blend, opacity, cut_scale, resolution,
+                  channels, **kw) -> AnomalyConfig:
     return AnomalyConfig(size=size, placement=placement, content=parse_content(content),
                          mask_source=mask_source, blend=blend,
-                         opacity=_range(opacity, "--opacity"), resolution=resolution,
+                         opacity=_range(opacity, "--opacity"),
+                         cut_scale=_range(cut_scale, "--cut-scale"), resolution=resolution,
                          channels=channels, ifs=_ifs_config(**kw))
 
 

@@ -253,6 +253,15 @@ class ShardDataset:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
+    def check_files(self) -> None:
+        """Open every shard's header once: missing, truncated or foreign files fail here."""
+        for k, e in enumerate(self.entries):
+            with open_shard(os.path.join(self.root, e["name"])) as f:
+                if f.attrs.get("params_hash") != self.manifest["params_hash"] or \
+                        int(f.attrs.get("count", -1)) != e["count"]:
+                    raise ShardError(f"{os.path.join(self.root, e['name'])}: does not match the "
+                                     "manifest; run 'fractalsynth verify' and regenerate it")
+
     def __getstate__(self):  # h5py handles do not pickle: workers reopen lazily
         state = dict(self.__dict__)
         state["_files"] = {}

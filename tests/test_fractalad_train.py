@@ -71,10 +71,22 @@ def test_fit_writes_a_run_and_refuses_to_clobber(tiny_shards, tmp_path):
 
 
 def test_fit_fails_clearly_on_bad_shards(tmp_path, tiny_shards):
+    import shutil
     with pytest.raises(ValueError, match="no such dataset"):
         Trainer(str(tmp_path / "missing"), _cfg(steps=1))
     with pytest.raises(ValueError, match="full batch"):
         Trainer(tiny_shards, _cfg(steps=1, batch_size=64))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_shards, broken)
+    shard = broken / "shard-00001.h5"
+    with open(shard, "r+b") as fh:
+        fh.truncate(shard.stat().st_size // 3)
+    with pytest.raises(ValueError, match="shard-00001.h5"):
+        Trainer(str(broken), _cfg(steps=1))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="manifest.json"):
+        Trainer(str(empty), _cfg(steps=1))
 
 
 def _ddp_worker(rank, world, init, shards, q):
