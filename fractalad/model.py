@@ -15,17 +15,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fractalsynth.placement import MVTEC_CATEGORIES, preset_placement
+
 from .backbones import build_backbone, load_pretrained
 
-# Categories of MVTec AD and their paper settings: textures skip distillation, objects on plain
-# backgrounds use foreground placement.
+# Paper settings per MVTec AD category: textures skip distillation; objects on plain
+# backgrounds get foreground placement (used by 'fractalsynth generate --preset').
 TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
-PLAIN_BACKGROUND = ("capsule", "pill", "screw", "toothbrush", "zipper")
-OBJECTS = ("bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush",
-           "transistor", "zipper")
-PRESETS = {c: {"kd": c not in TEXTURES,
-               "placement": "foreground" if c in PLAIN_BACKGROUND else "uniform"}
-           for c in TEXTURES + OBJECTS}
+PRESETS = {c: {"kd": c not in TEXTURES, "placement": preset_placement(c)} for c in MVTEC_CATEGORIES}
 
 
 def cosine_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

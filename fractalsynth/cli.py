@@ -12,7 +12,7 @@ import click
 from .anomaly import BLENDS, CONTENTS, MASK_SOURCES, AnomalyConfig, parse_content
 from .ifs import IFSConfig
 from .paths import parse_count
-from .placement import PLACEMENTS
+from .placement import MVTEC_CATEGORIES, PLACEMENTS, preset_placement
 
 
 def fail_cleanly(*extra: type):
@@ -90,7 +90,10 @@ def _ifs_config(maps, probabilities, points_per_pixel, min_fill, min_axis_ratio,
 def synth_options(fn):
     opts = [
         click.option("--size", type=int, default=256, show_default=True, help="Output size (pixels)."),
-        click.option("--placement", type=click.Choice(PLACEMENTS), default="uniform", show_default=True),
+        click.option("--placement", type=click.Choice(PLACEMENTS), default=None,
+                     help="Where anomalies go [default: uniform, or the --preset's]."),
+        click.option("--preset", type=click.Choice(MVTEC_CATEGORIES), default=None,
+                     help="MVTec AD category: the method's placement for it."),
         click.option("--content", default="same", show_default=True,
                      help=f"Anomaly content mix, e.g. same=0.7,noise=0.3 ({', '.join(CONTENTS)})."),
         click.option("--mask-source", type=click.Choice(MASK_SOURCES), default="fractal",
@@ -112,8 +115,10 @@ def synth_options(fn):
     return ifs_options(fn)
 
 
-def _synth_config(size, placement, content, mask_source, blend, opacity, cut_scale, resolution,
-                  channels, **kw) -> AnomalyConfig:
+def _synth_config(size, placement, preset, content, mask_source, blend, opacity, cut_scale,
+                  resolution, channels, **kw) -> AnomalyConfig:
+    if placement is None:
+        placement = preset_placement(preset) if preset else "uniform"
     return AnomalyConfig(size=size, placement=placement, content=parse_content(content),
                          mask_source=mask_source, blend=blend,
                          opacity=_range(opacity, "--opacity"),

@@ -14,6 +14,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+# MVTec AD categories whose objects sit on a plain background: the method places their
+# anomalies inside the rough foreground (``--preset`` in the CLIs).
+PLAIN_BACKGROUND = ("capsule", "pill", "screw", "toothbrush", "zipper")
+MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather",
+                    "metal_nut", "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
 CORNER_SPREAD = 20.0
 MIN_AREA = 0.03
 MAX_AREA = 0.90
@@ -27,6 +32,13 @@ class Foreground:
     mask: np.ndarray  # uint8 HxW, 1 = foreground
     short_side: float
     clear: bool
+
+
+def preset_placement(category: str) -> str:
+    """The method's placement for an MVTec AD category."""
+    if category not in MVTEC_CATEGORIES:
+        raise ValueError(f"unknown category {category!r}; choose one of {', '.join(MVTEC_CATEGORIES)}")
+    return "foreground" if category in PLAIN_BACKGROUND else "uniform"
 
 
 def find_foreground(image: np.ndarray) -> Foreground | None:

@@ -156,3 +156,16 @@ def test_cli_info_preview_export(normals_dir, tmp_path):
     assert res.exit_code == 0, res.output
     for sub in ("image", "mask", "normal"):
         assert len(os.listdir(tmp_path / "png" / sub)) == 5
+
+
+def test_preset_sets_the_method_placement(normals_dir, tmp_path):
+    import json
+    out = str(tmp_path / "ds")
+    res = CliRunner().invoke(main, ["generate", "--normals", normals_dir, "--n", "8", "--size", "32",
+                                    "--preset", "screw", "--out", out, "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    params = json.load(open(os.path.join(out, "dataset.json")))["params"]
+    assert params["config"]["placement"] == "foreground"
+    from fractalad.model import PRESETS
+    assert PRESETS["carpet"] == {"kd": False, "placement": "uniform"}
+    assert PRESETS["pill"] == {"kd": True, "placement": "foreground"}
