@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from . import ifs
-from .color import apply_color_transform, jitter, jitter_matrices, mean_luma
+from .color import apply_color_transform, jitter_matrices, mean_luma
 from .images import ImageError, channels_of, prepare_normal, resize, to_channels
 from .placement import PLACEMENTS, Foreground, choose_locations, find_foreground
 from .rng import sample_rng
@@ -348,16 +348,25 @@ def synthesize_record(normal: np.ndarray, rng: np.random.Generator, cfg: Anomaly
     return AnomalyRecord(y, x, crop, mask, jit, kind)
 
 
+def compose_into(normal, record: AnomalyRecord, matrix, offset, out_normal, out_anomalous, out_mask):
+    """Write the jittered normal, the anomalous image and the 0/255 mask into given arrays."""
+    ch = normal.shape[2]
+    out_normal[...] = apply_color_transform(normal, matrix, offset).reshape(normal.shape)
+    out_anomalous[...] = out_normal
+    h, w = record.mask.shape
+    out_anomalous[record.y:record.y + h, record.x:record.x + w] = apply_color_transform(
+        record.crop, matrix, offset).reshape(h, w, ch)
+    out_mask[...] = 0
+    out_mask[record.y:record.y + h, record.x:record.x + w] = record.mask * np.uint8(255)
+
+
 def compose(normal: np.ndarray, record: AnomalyRecord, mean: float | None = None):
     """Full (normal, anomalous, mask) uint8 images from a prepared normal and its record."""
     mean = mean_luma(normal) if mean is None else mean
-    jittered = jitter(normal, record.jitter, mean)
-    anomalous = jittered.copy()
-    h, w = record.mask.shape
-    anomalous[record.y:record.y + h, record.x:record.x + w] = jitter(record.crop, record.jitter, mean)
-    mask = np.zeros(normal.shape[:2], np.uint8)
-    mask[record.y:record.y + h, record.x:record.x + w] = record.mask * np.uint8(255)
-    return jittered, anomalous, mask
+    m, o = jitter_matrices(record.jitter[None], np.array([mean]), normal.shape[2])
+    out = (np.empty_like(normal), np.empty_like(normal), np.empty(normal.shape[:2], np.uint8))
+    compose_into(normal, record, m[0], o[0], *out)
+    return out
 
 
 class FractalAnomaly:
@@ -382,6 +391,7 @@ class FractalAnomaly:
         self.seed = int(seed)
         self.pool = list(pool) if pool is not None else None
         self.textures = list(textures) if textures is not None else None
+        self._converted = {}  # channel count -> (pool, textures) converted once
         self._next = 0
 
     def channels_for(self, image: np.ndarray) -> int:
@@ -401,8 +411,11 @@ class FractalAnomaly:
         source = to_channels(image, ch) if cfg.resolution == "source" else None
         if fg is None and cfg.placement != "uniform":
             fg = find_foreground(source if source is not None else normal)
-        pool = [to_channels(p, ch) for p in self.pool] if self.pool else None
-        textures = [to_channels(t, ch) for t in self.textures] if self.textures else None
+        if ch not in self._converted:
+            self._converted[ch] = (
+                [to_channels(p, ch) for p in self.pool] if self.pool else None,
+                [to_channels(t, ch) for t in self.textures] if self.textures else None)
+        pool, textures = self._converted[ch]
         return synthesize_record(normal, sample_rng(self.seed, index, domain=2), cfg, fg, pool,
                                  textures, source)
 

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from .anomaly import AnomalyRecord, compose
-from .color import apply_color_transform, jitter_matrices
+from .anomaly import AnomalyRecord, compose, compose_into
+from .color import jitter_matrices
 
 SHARD_SCHEMA = "fractalsynth.shard"
 NORMALS_SCHEMA = "fractalsynth.normals"
@@ -292,21 +292,16 @@ class ShardDataset:
 
     def compose_batch(self, rb: RecordBatch, order=None):
         """Stacked (normals, anomalous, masks) of a record batch, in ``order``."""
-        order = range(len(rb)) if order is None else order
+        order = list(range(len(rb)) if order is None else order)
         idx = rb.normal_index
         mats, offs = jitter_matrices(rb.jitter, self.means[idx], self.channels)
         s, c = self.size, self.channels
         out_n = np.empty((len(order), s, s, c), np.uint8)
         out_a = np.empty_like(out_n)
-        out_m = np.zeros((len(order), s, s), np.uint8)
+        out_m = np.empty((len(order), s, s), np.uint8)
         for o, j in enumerate(order):
-            r = rb.record(j, c)
-            out_n[o] = apply_color_transform(self.normals[idx[j]], mats[j], offs[j]).reshape(s, s, c)
-            out_a[o] = out_n[o]
-            h, w = r.mask.shape
-            out_a[o, r.y:r.y + h, r.x:r.x + w] = apply_color_transform(
-                r.crop, mats[j], offs[j]).reshape(h, w, c)
-            out_m[o, r.y:r.y + h, r.x:r.x + w] = r.mask * np.uint8(255)
+            compose_into(self.normals[idx[j]], rb.record(j, c), mats[j], offs[j],
+                         out_n[o], out_a[o], out_m[o])
         return out_n, out_a, out_m
 
     def iter_record_blocks(self, block: int = 1024, shuffle: bool = True, seed: int = 0,
