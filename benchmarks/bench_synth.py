@@ -2,11 +2,13 @@
 
     python benchmarks/bench_synth.py [--n 300] [--normals DIR]
 
-The baseline restates the FractalAD authors' per-sample procedure as they run it (PIL images):
-synthesise at the source resolution (cut, ImageEnhance colour jitter with an HSV hue shift,
-flips, rotate without expanding, a reference-style fractal mask from bench_ifs' baseline,
-masked paste), resize image, anomalous image and mask to 256, dilate the mask, Gaussian noise
-inside it, then one mild jitter on both images. Ours: ``FractalAnomaly(size=256)(image, i)``
+The baseline restates the FractalAD authors' per-sample procedure with its cost structure (PIL
+images): synthesise at the source resolution (cut, ImageEnhance colour jitter with an HSV hue
+shift, flips, rotate without expanding, a reference-style fractal mask from bench_ifs' baseline,
+masked paste), resize image and anomalous image to 256 with Lanczos and the mask with nearest,
+dilate the mask, grey-level Gaussian noise drawn for the whole image and kept inside the mask,
+a jitter seed drawn with np.random.choice over range(100000), then one mild jitter on both
+images. Not included: the reference's final conversion to float tensors. Ours: ``FractalAnomaly(size=256)(image, i)``
 returning the same three arrays. One core each (OpenCV and Numba limited to one thread), from
 900 px and from 256 px RGB sources cut from the Magnetic Tile normals. One final JSON line.
 """
@@ -20,7 +22,7 @@ import time
 
 import cv2
 import numpy as np
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image, ImageEnhance
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
@@ -77,17 +79,16 @@ def baseline_sample(src: Image.Image, rng, index: int, size: int = 256):
     anomalous.paste(patch, (int(dx), int(dy)), patch)
     mask = Image.new("L", src.size, 0)
     mask.paste(Image.fromarray(alpha.astype(np.uint8)), (int(dx), int(dy)))
-    normal = src.resize((size, size), Image.BILINEAR)
-    anomalous = anomalous.resize((size, size), Image.BILINEAR)
     mask = mask.resize((size, size), Image.NEAREST)
-    for _ in range(3):
-        mask = mask.filter(ImageFilter.MaxFilter(3))
-    if rng.random() < 0.5:
-        arr = np.array(anomalous).astype(np.float32)
-        m = np.array(mask) > 0
-        arr[m] += rng.normal(0, 10, (int(m.sum()), 3))
-        anomalous = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-    seed = int(rng.integers(2 ** 31))
+    normal = src.resize((size, size), Image.LANCZOS)  # the reference resizes with ANTIALIAS
+    anomalous = anomalous.resize((size, size), Image.LANCZOS)
+    mask = Image.fromarray(cv2.dilate(np.array(mask), np.ones((3, 3), np.uint8), iterations=3))
+    if rng.random() < 0.5:  # grey-level noise drawn for the whole image, kept inside the mask
+        arr = np.array(anomalous).astype(np.float64)
+        noisy = np.clip(arr + np.repeat(10 * rng.normal(0, 1, (size, size, 1)), 3, axis=2), 0, 255)
+        inside = np.repeat((np.array(mask) > 0)[:, :, None], 3, axis=2)
+        anomalous = Image.fromarray(np.where(inside, noisy, arr).astype(np.uint8))
+    seed = int(rng.choice(range(100000), 1)[0])  # the reference draws its jitter seed this way
     normal = _color_jitter(normal, np.random.default_rng(seed), 0.05, 0.05, 0.05, 0.05)
     anomalous = _color_jitter(anomalous, np.random.default_rng(seed), 0.05, 0.05, 0.05, 0.05)
     return np.array(normal), np.array(anomalous), np.array(mask)

@@ -9,7 +9,8 @@ The published procedure (method section 1), with numpy / OpenCV / Numba only:
 3. a fractal mask at the cut size is multiplied into the patch's alpha;
 4. the patch is pasted (hard, or alpha-blended with an opacity range);
 5. the mask is dilated (3x3, 3 iterations) at the output size;
-6. with probability 0.5 Gaussian noise (sigma 10 grey levels) inside the mask;
+6. with probability 0.5 grey-level Gaussian noise (sigma 10, shared by the channels) inside the
+   mask;
 7. one mild jitter (0.05) shared by the normal and the anomalous image.
 
 Each sample is first a compact ``AnomalyRecord`` (the anomalous crop around the mask, the mask
@@ -297,7 +298,8 @@ def _finish(rng, base, anomalous, mask, y0, x0, cfg, spread):
         mask = cv2.dilate(mask, _DILATE_KERNEL, iterations=cfg.dilate_iterations)
     if rng.random() < cfg.noise_prob:
         inside = mask > 0
-        noise = rng.standard_normal((int(inside.sum()), anomalous.shape[2]), dtype=np.float32)
+        # grey-level noise: one value per pixel, shared by the channels (as the method adds it)
+        noise = rng.standard_normal((int(inside.sum()), 1), dtype=np.float32)
         anomalous = anomalous.copy()
         anomalous[inside] = np.clip(anomalous[inside] + noise * np.float32(cfg.noise_sigma) + 0.5,
                                     0, 255).astype(np.uint8)
@@ -350,12 +352,11 @@ def synthesize_record(normal: np.ndarray, rng: np.random.Generator, cfg: Anomaly
 
 def compose_into(normal, record: AnomalyRecord, matrix, offset, out_normal, out_anomalous, out_mask):
     """Write the jittered normal, the anomalous image and the 0/255 mask into given arrays."""
-    ch = normal.shape[2]
-    out_normal[...] = apply_color_transform(normal, matrix, offset).reshape(normal.shape)
+    apply_color_transform(normal, matrix, offset, out_normal)
     out_anomalous[...] = out_normal
     h, w = record.mask.shape
-    out_anomalous[record.y:record.y + h, record.x:record.x + w] = apply_color_transform(
-        record.crop, matrix, offset).reshape(h, w, ch)
+    window = out_anomalous[record.y:record.y + h, record.x:record.x + w]
+    window[...] = apply_color_transform(record.crop, matrix, offset)
     out_mask[...] = 0
     out_mask[record.y:record.y + h, record.x:record.x + w] = record.mask * np.uint8(255)
 

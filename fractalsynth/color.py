@@ -46,17 +46,22 @@ def mean_luma(image: np.ndarray) -> float:
     return float(mean[0]) if image.shape[2] == 1 else float(np.dot(LUMA, mean))
 
 
-def apply_color_transform(image: np.ndarray, matrix: np.ndarray, offset: float) -> np.ndarray:
-    """``clip(matrix @ pixel + offset)`` on an HxWxC uint8 image, rounded to uint8."""
-    ch = image.shape[2]
+def apply_color_transform(image: np.ndarray, matrix: np.ndarray, offset: float,
+                          out: np.ndarray | None = None) -> np.ndarray:
+    """``clip(matrix @ pixel + offset)`` on an HxWxC uint8 image, rounded to uint8 (into ``out``)."""
+    h, w, ch = image.shape
+    if out is None:
+        out = np.empty_like(image)
     if ch == 1:
-        out = cv2.convertScaleAbs(image, alpha=float(matrix[0, 0]), beta=float(offset)) \
-            if matrix[0, 0] >= 0 and offset >= 0 else \
-            np.clip(image.astype(np.float32) * float(matrix[0, 0]) + float(offset) + 0.5, 0,
-                    255).astype(np.uint8)
-        return out.reshape(image.shape)
+        a, b = float(matrix[0, 0]), float(offset)
+        if a >= 0 and b >= 0:  # convertScaleAbs rounds and saturates; abs is a no-op here
+            cv2.convertScaleAbs(image.reshape(h, w), dst=out.reshape(h, w), alpha=a, beta=b)
+        else:
+            out[...] = np.clip(image.astype(np.float32) * a + b + 0.5, 0, 255).astype(np.uint8)
+        return out
     m = np.concatenate([matrix, np.full((3, 1), offset)], axis=1).astype(np.float32)
-    return cv2.transform(image, m)
+    cv2.transform(image, m, dst=out)
+    return out
 
 
 def jitter(image: np.ndarray, params, mean: float | None = None) -> np.ndarray:

@@ -199,8 +199,8 @@ def _prepass(maps, n, key, pts):
                 break
             r = np.int64((w >> np.uint64(16 * lane)) & np.uint64(0xFFFF))
             i = 0
-            while i < n - 1 and r >= th[i]:
-                i += 1
+            for q in range(n - 1):  # branch-free: a random branch mispredicts half the time
+                i += r >= th[q]
             nx = maps[i, 0] * x + maps[i, 1] * y + maps[i, 4]
             y = maps[i, 2] * x + maps[i, 3] * y + maps[i, 5]
             x = nx
