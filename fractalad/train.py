@@ -3,7 +3,8 @@
 The schedule is counted in optimizer steps; ``epochs`` converts with the paper's epoch of 391
 samples. Batch ``k`` of an epoch is fixed by (seed, epoch), so a resumed run takes exactly the
 batches an uninterrupted one would. Run folder: ``config.json``, ``metrics.csv``,
-``checkpoint.pt`` (periodic, for ``--resume``) and ``model.pt`` (final, for test / predict).
+``checkpoint.pt`` (periodic, for ``--resume``) and ``model.pt`` (final and self-contained, teacher
+included, for test / predict / export).
 """
 from __future__ import annotations
 
@@ -246,7 +247,8 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
     if csv_fh:
         csv_fh.close()
     if rank == 0:
-        _atomic_save({"meta": meta, "model": trainer.model.trainable_state()},
+        # the full state, teacher included: test / predict need neither --weights nor a network
+        _atomic_save({"meta": meta, "model": trainer.model.state_dict()},
                      os.path.join(out_dir, "model.pt"))
     done = trainer.step_count - start
     return {"steps": trainer.step_count, "seconds": seconds,
