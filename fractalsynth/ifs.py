@@ -219,6 +219,7 @@ def _frame(pts, height, width, keep_aspect, margin):
     y1 = pts[:, 1].max()
     bw = max(x1 - x0, 1e-9)
     bh = max(y1 - y0, 1e-9)
+    # a hair under the span, so the box's far edge floors to the last pixel, not past it
     aw = width - 2.0 * margin - 1e-3
     ah = height - 2.0 * margin - 1e-3
     sx = aw / bw
@@ -227,7 +228,7 @@ def _frame(pts, height, width, keep_aspect, margin):
         s = min(sx, sy)
         sx = s
         sy = s
-    # centre the box; the half-pixel offset makes the box's far edge land inside the canvas
+    # centre the box on the canvas
     ox = 0.5 * (width - bw * sx) - x0 * sx
     oy = 0.5 * (height - bh * sy) - y0 * sy
     box_area = max(bw * sx, 1.0) * max(bh * sy, 1.0)

@@ -68,6 +68,15 @@ def test_fit_writes_a_run_and_refuses_to_clobber(tiny_shards, tmp_path):
         fit(tiny_shards, run, _cfg(steps=5), resume=True, progress=False)
     assert fit(tiny_shards, run, _cfg(steps=3, checkpoint_every=2), resume=True,
                progress=False)["steps"] == 3
+    other = str(tmp_path / "other")
+    import cv2
+    os.makedirs(os.path.join(other, "n"))
+    for i in range(2):
+        cv2.imwrite(os.path.join(other, "n", f"{i}.png"), np.full((40, 40), 90 + i, np.uint8))
+    generate(os.path.join(other, "n"), os.path.join(other, "shards"), 16, AnomalyConfig(size=64))
+    with pytest.raises(ValueError, match="another shard dataset"):
+        fit(os.path.join(other, "shards"), run, _cfg(steps=3, checkpoint_every=2), resume=True,
+            progress=False)
 
 
 def test_fit_fails_clearly_on_bad_shards(tmp_path, tiny_shards):
