@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from . import ifs
-from .color import apply_color_transform, jitter_matrices, mean_luma
+from .color import apply_color_transform, jitter_matrix, mean_luma
 from .images import ImageError, channels_of, prepare_normal, resize, to_channels
 from .placement import PLACEMENTS, Foreground, choose_locations, find_foreground
 from .rng import sample_rng
@@ -226,10 +226,12 @@ def _patch_color_change(rng, patch: np.ndarray, cfg: AnomalyConfig) -> np.ndarra
             m[k, k] = rng.uniform(0.0, 2.0)
         return apply_color_transform(patch, m, 0.0)
     j = cfg.patch_jitter if variant == 0 else cfg.strong_jitter
-    b, c = rng.uniform(max(0.0, 1 - j), 1 + j, 2)
-    s, h = (rng.uniform(max(0.0, 1 - j), 1 + j), rng.uniform(-j, j)) if variant == 0 else (1.0, 0.0)
-    m, o = jitter_matrices(np.array([[b, c, s, h]]), np.array([mean_luma(patch)]), ch)
-    return apply_color_transform(patch, m[0], o[0])
+    u = rng.random(4)
+    lo = max(0.0, 1 - j)
+    b, c = lo + (1 + j - lo) * u[0], lo + (1 + j - lo) * u[1]
+    s, h = (lo + (1 + j - lo) * u[2], j * (2 * u[3] - 1)) if variant == 0 else (1.0, 0.0)
+    m, o = jitter_matrix(b, c, s, h, mean_luma(patch), ch)
+    return apply_color_transform(patch, m, o)
 
 
 def _rotate(patch: np.ndarray, degrees: float):
@@ -305,9 +307,8 @@ def _finish(rng, base, anomalous, mask, y0, x0, cfg, spread):
                                     0, 255).astype(np.uint8)
     changed = (mask | (anomalous != base).any(axis=2)).astype(np.uint8) if spread else mask
     r0, r1, c0, c1 = _bbox(changed)
-    j = cfg.mild_jitter
-    jit = np.array([rng.uniform(1 - j, 1 + j), rng.uniform(1 - j, 1 + j),
-                    rng.uniform(1 - j, 1 + j), rng.uniform(-j, j)], dtype=np.float32)
+    j = cfg.mild_jitter  # brightness, contrast, saturation ~ U(1-j, 1+j); hue ~ U(-j, j)
+    jit = ((rng.random(4) * 2 - 1) * j + np.array([1.0, 1.0, 1.0, 0.0])).astype(np.float32)
     return (y0 + r0, x0 + c0, np.ascontiguousarray(anomalous[r0:r1, c0:c1]),
             np.ascontiguousarray(mask[r0:r1, c0:c1]), jit)
 
@@ -364,9 +365,9 @@ def compose_into(normal, record: AnomalyRecord, matrix, offset, out_normal, out_
 def compose(normal: np.ndarray, record: AnomalyRecord, mean: float | None = None):
     """Full (normal, anomalous, mask) uint8 images from a prepared normal and its record."""
     mean = mean_luma(normal) if mean is None else mean
-    m, o = jitter_matrices(record.jitter[None], np.array([mean]), normal.shape[2])
+    m, o = jitter_matrix(*(float(v) for v in record.jitter), mean, normal.shape[2])
     out = (np.empty_like(normal), np.empty_like(normal), np.empty(normal.shape[:2], np.uint8))
-    compose_into(normal, record, m[0], o[0], *out)
+    compose_into(normal, record, m, o, *out)
     return out
 
 

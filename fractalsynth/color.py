@@ -9,6 +9,8 @@ the GPU (fractalad), which is what lets the shared mild jitter move to the GPU.
 """
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 
@@ -40,6 +42,16 @@ def jitter_matrices(params: np.ndarray, means: np.ndarray, channels: int):
     return cb[:, None, None] * (P_LUMA + sc * P_CHROMA + ss * P_ROT), offset
 
 
+def jitter_matrix(b: float, c: float, s: float, h: float, mean: float, channels: int):
+    """``jitter_matrices`` for one image with plain floats (no per-call array overhead)."""
+    cb = c * b
+    offset = (1.0 - c) * b * mean
+    if channels == 1:
+        return np.array([[cb]]), offset
+    ang = 2.0 * math.pi * h
+    return cb * (P_LUMA + (s * math.cos(ang)) * P_CHROMA + (s * math.sin(ang)) * P_ROT), offset
+
+
 def mean_luma(image: np.ndarray) -> float:
     """Mean luma (0..255) of an HxWxC uint8 image."""
     mean = cv2.mean(image)[: image.shape[2]]
@@ -67,5 +79,5 @@ def apply_color_transform(image: np.ndarray, matrix: np.ndarray, offset: float,
 def jitter(image: np.ndarray, params, mean: float | None = None) -> np.ndarray:
     """Apply the jitter row (b, c, s, h) to an HxWxC uint8 image (mean luma from the image)."""
     mean = mean_luma(image) if mean is None else mean
-    m, o = jitter_matrices(np.asarray(params)[None], np.array([mean]), image.shape[2])
-    return apply_color_transform(image, m[0], o[0])
+    m, o = jitter_matrix(*(float(v) for v in params), mean, image.shape[2])
+    return apply_color_transform(image, m, o)
