@@ -100,13 +100,12 @@ def _make_chunk(indices):
     st = _STATE
     cfg, seed, perm = st["cfg"], st["seed"], st["perm"]
     normals: Normals = st["normals"]
-    pool = list(normals.images) if any(c == "other" for c, _ in cfg.content) else None
     out = []
     for i in indices:
         k = int(perm[i % len(perm)])
         src = normals.sources[k] if normals.sources is not None else None
         rec = synthesize_record(normals.images[k], sample_rng(seed, int(i), domain=2), cfg,
-                                normals.foregrounds[k], pool, st["textures"], src)
+                                normals.foregrounds[k], st["pool"], st["textures"], src)
         out.append((int(i), k, rec))
     return out
 
@@ -198,7 +197,9 @@ def generate(normals_dir: str, out_dir: str, n: int, cfg: AnomalyConfig | None =
                 progress(count)
             continue
         todo.append((k, count, path))
-    state = {"cfg": cfg, "seed": seed, "perm": perm, "normals": normals, "textures": textures}
+    pool = list(normals.images) if any(c == "other" for c, w in cfg.content if w > 0) else None
+    state = {"cfg": cfg, "seed": seed, "perm": perm, "normals": normals, "textures": textures,
+             "pool": pool}
     made = 0
     if todo:
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
