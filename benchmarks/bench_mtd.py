@@ -36,6 +36,10 @@ def main(argv=None):
     ap.add_argument("--mask-source", default="fractal", choices=["fractal", "perlin", "rectangle"])
     ap.add_argument("--placement", default="uniform")
     ap.add_argument("--cut-scale", default="0.1-0.5", help="anomaly size range, fraction of the side")
+    ap.add_argument("--region", default="0.1-0.9", help="uniform placement band (0-1: anywhere)")
+    ap.add_argument("--min-contrast", type=float, default=0.0,
+                    help="redraw anomalies whose mean grey-level change is below this")
+    ap.add_argument("--content", default="same", help="anomaly content mix, e.g. same=0.5,noise=0.5")
     ap.add_argument("--kd", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=4)
@@ -45,7 +49,7 @@ def main(argv=None):
 
     import torch
 
-    from fractalsynth.anomaly import AnomalyConfig
+    from fractalsynth.anomaly import AnomalyConfig, parse_content
     from fractalsynth.generate import generate
     from fractalad.evaluate import test_run
     from fractalad.train import FitConfig, fit
@@ -60,7 +64,10 @@ def main(argv=None):
     shards = os.path.join(work, "shards")
     generate(os.path.join(args.data, "train", "good"), shards, n,
              AnomalyConfig(size=args.size, mask_source=args.mask_source, placement=args.placement,
-                           cut_scale=tuple(float(v) for v in args.cut_scale.split("-"))),
+                           cut_scale=tuple(float(v) for v in args.cut_scale.split("-")),
+                           region=tuple(float(v) for v in args.region.split("-")),
+                           content=parse_content(args.content),
+                           min_contrast=args.min_contrast),
              seed=args.seed, shard_size=min(n, 10000), workers=os.cpu_count() or 1,
              log=lambda m: None)
     seconds["generate"] = time.perf_counter() - t
@@ -76,7 +83,8 @@ def main(argv=None):
     result = {
         "data": os.path.basename(os.path.normpath(args.data)), "device": dev,
         "backbone": args.backbone, "kd": args.kd, "mask_source": args.mask_source,
-        "cut_scale": args.cut_scale,
+        "cut_scale": args.cut_scale, "region": args.region, "content": args.content,
+        "min_contrast": args.min_contrast,
         "size": args.size, "steps": summary["steps"], "batch_size": args.batch_size,
         "train_samples_per_s": round(summary["samples_per_s"], 1),
         "test_images_per_s": round(report["images_per_s"], 1),

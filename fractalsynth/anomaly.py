@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 
 import cv2
+import numba
 import numpy as np
 
 from . import ifs
@@ -52,7 +53,9 @@ class AnomalyConfig:
     opacity: tuple = (0.5, 1.0)  # alpha blend: the patch's weight ~ U(lo, hi)
     cut_scale: tuple = (0.1, 0.5)
     fg_cut_scale: tuple = (0.05, 1.5)
+    region: tuple = (0.1, 0.9)  # uniform placement: the band of each side cuts and pastes use
     rotation: tuple = (15.0, 75.0)
+    min_contrast: float = 0.0  # > 0: redraw anomalies whose mean |change| is below (grey levels)
     dilate_iterations: int = 3
     noise_prob: float = 0.5
     noise_sigma: float = 10.0
@@ -80,10 +83,14 @@ class AnomalyConfig:
                 raise ValueError(f"content proportion of {name!r} must be >= 0, got {weight}")
         if sum(w for _, w in self.content) <= 0:
             raise ValueError("content proportions must not all be 0")
-        for name in ("opacity", "cut_scale", "fg_cut_scale", "rotation"):
+        for name in ("opacity", "cut_scale", "fg_cut_scale", "rotation", "region"):
             lo, hi = getattr(self, name)
             if lo > hi or lo < 0:
                 raise ValueError(f"{name} must be a range lo <= hi with lo >= 0, got {(lo, hi)}")
+        if self.region[1] > 1 or self.region[0] >= self.region[1]:
+            raise ValueError(f"region must satisfy 0 <= lo < hi <= 1, got {self.region}")
+        if self.min_contrast < 0:
+            raise ValueError(f"min_contrast must be >= 0, got {self.min_contrast}")
         if not 0 <= self.noise_prob <= 1:
             raise ValueError(f"noise_prob must be in [0, 1], got {self.noise_prob}")
 
@@ -97,7 +104,7 @@ class AnomalyConfig:
     def from_dict(cls, d: dict) -> "AnomalyConfig":
         d = dict(d)
         d["ifs"] = ifs.IFSConfig.from_dict(d.get("ifs", {}))
-        for k in ("opacity", "cut_scale", "fg_cut_scale", "rotation"):
+        for k in ("opacity", "cut_scale", "fg_cut_scale", "rotation", "region"):
             if k in d:
                 d[k] = tuple(d[k])
         d["content"] = tuple(tuple(c) for c in d.get("content", (("same", 1.0),)))
@@ -176,6 +183,24 @@ def _shape_mask(rng, cfg: AnomalyConfig, c: int) -> np.ndarray:
     return (out > 0).view(np.uint8)
 
 
+@numba.njit(cache=True, nogil=True)
+def add_noise_inside(image, mask, noise, sigma):
+    """In place: ``image += sigma * noise`` (rounded, clipped) at mask pixels, row-major,
+    one noise value per pixel shared by the channels (the grey-level noise of step 6)."""
+    h, w, ch = image.shape
+    k = 0
+    s = np.float32(sigma)
+    for y in range(h):
+        for x in range(w):
+            if mask[y, x]:
+                d = noise[k] * s + np.float32(0.5)
+                k += 1
+                for c in range(ch):
+                    v = np.float32(image[y, x, c]) + d
+                    image[y, x, c] = np.uint8(min(max(v, np.float32(0.0)), np.float32(255.0)))
+    return image
+
+
 def _noise_patch(rng, c: int, ch: int) -> np.ndarray:
     """Smooth random noise with random mean, contrast and grain size."""
     grain = rng.uniform(0.5, 4.0)
@@ -249,6 +274,11 @@ def _rotate(patch: np.ndarray, degrees: float):
     return p, alpha
 
 
+def contrast(changed: np.ndarray, original: np.ndarray, mask: np.ndarray) -> float:
+    """Mean absolute grey-level change inside ``mask`` (the largest over the channels)."""
+    return float(max(cv2.mean(cv2.absdiff(changed, original), mask)[:changed.shape[2]]))
+
+
 def _bbox(mask: np.ndarray):
     x, y, w, h = cv2.boundingRect(mask)
     return y, y + h, x, x + w
@@ -265,7 +295,7 @@ def _paste(rng, image, fg, cfg, pool, textures, content_p):
                                     len(names) - 1)])
     for _ in range(_MAX_TRIES):
         c, (sy, sx), (dy, dx) = choose_locations(rng, image.shape, cfg.placement, fg,
-                                                 cfg.cut_scale, cfg.fg_cut_scale)
+                                                 cfg.cut_scale, cfg.fg_cut_scale, cfg.region)
         patch = _content_patch(rng, CONTENTS[kind], image, sy, sx, c, pool, textures, cfg)
         patch = _patch_color_change(rng, np.ascontiguousarray(patch), cfg)
         if rng.random() < 0.5:
@@ -275,19 +305,25 @@ def _paste(rng, image, fg, cfg, pool, textures, content_p):
         patch = np.ascontiguousarray(patch)
         patch, alpha = _rotate(patch, rng.uniform(*cfg.rotation))
         alpha &= _shape_mask(rng, cfg, c)
-        if alpha.any():
+        if not alpha.any():
+            continue
+        region = image[dy:dy + c, dx:dx + c]
+        if cfg.blend == "paste":
+            pasted = region.copy()
+            cv2.copyTo(patch, alpha, pasted)
+        else:
+            op = rng.uniform(*cfg.opacity)
+            mixed = region.astype(np.float32) * (1 - op) + patch.astype(np.float32) * op
+            pasted = np.where(alpha[:, :, None] > 0,
+                              np.clip(mixed + 0.5, 0, 255).astype(np.uint8), region)
+        if cfg.min_contrast <= 0 or contrast(pasted, region, alpha) >= cfg.min_contrast:
             break
-    else:  # vanishingly rare: keep the last shape's centre so the mask is never empty
-        alpha[c // 2, c // 2] = 1
-    region = image[dy:dy + c, dx:dx + c]
-    a = alpha[:, :, None]
-    if cfg.blend == "paste":
-        pasted = region.copy()
-        cv2.copyTo(patch, alpha, pasted)
-    else:
-        op = rng.uniform(*cfg.opacity)
-        mixed = region.astype(np.float32) * (1 - op) + patch.astype(np.float32) * op
-        pasted = np.where(a > 0, np.clip(mixed + 0.5, 0, 255).astype(np.uint8), region)
+    else:  # rare: keep the last try (its shape's centre if empty) so the mask is never empty
+        if not alpha.any():
+            alpha[c // 2, c // 2] = 1
+            region = image[dy:dy + c, dx:dx + c]
+            pasted = region.copy()
+            cv2.copyTo(patch, alpha, pasted)
     return dy, dx, pasted, alpha, kind
 
 
@@ -299,12 +335,8 @@ def _finish(rng, base, anomalous, mask, y0, x0, cfg, spread):
     if cfg.dilate_iterations > 0:
         mask = cv2.dilate(mask, _DILATE_KERNEL, iterations=cfg.dilate_iterations)
     if rng.random() < cfg.noise_prob:
-        inside = mask > 0
-        # grey-level noise: one value per pixel, shared by the channels (as the method adds it)
-        noise = rng.standard_normal((int(inside.sum()), 1), dtype=np.float32)
-        anomalous = anomalous.copy()
-        anomalous[inside] = np.clip(anomalous[inside] + noise * np.float32(cfg.noise_sigma) + 0.5,
-                                    0, 255).astype(np.uint8)
+        noise = rng.standard_normal(cv2.countNonZero(mask), dtype=np.float32)
+        anomalous = add_noise_inside(anomalous.copy(), mask, noise, cfg.noise_sigma)
     changed = (mask | (anomalous != base).any(axis=2)).astype(np.uint8) if spread else mask
     r0, r1, c0, c1 = _bbox(changed)
     j = cfg.mild_jitter  # brightness, contrast, saturation ~ U(1-j, 1+j); hue ~ U(-j, j)

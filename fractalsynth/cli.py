@@ -103,6 +103,11 @@ def synth_options(fn):
                      help="Patch weight range for --blend alpha."),
         click.option("--cut-scale", default="0.1-0.5", show_default=True,
                      help="Anomaly cut size range, as a fraction of the shorter side."),
+        click.option("--region", default="0.1-0.9", show_default=True,
+                     help="Uniform placement band of each side (the method's 0.1-0.9; 0-1: anywhere, "
+                          "borders included)."),
+        click.option("--min-contrast", type=float, default=0.0, show_default=True,
+                     help="Redraw anomalies whose mean grey-level change is below this (0: off)."),
         click.option("--resolution", type=click.Choice(["output", "source"]), default="output",
                      show_default=True, help="Synthesise at the output size (fast) or the source's."),
         click.option("--channels", type=click.Choice(["auto", "grey", "rgb"]), default="auto",
@@ -116,13 +121,15 @@ def synth_options(fn):
 
 
 def _synth_config(size, placement, preset, content, mask_source, blend, opacity, cut_scale,
-                  resolution, channels, **kw) -> AnomalyConfig:
+                  region, min_contrast, resolution, channels, **kw) -> AnomalyConfig:
     if placement is None:
         placement = preset_placement(preset) if preset else "uniform"
     return AnomalyConfig(size=size, placement=placement, content=parse_content(content),
                          mask_source=mask_source, blend=blend,
                          opacity=_range(opacity, "--opacity"),
-                         cut_scale=_range(cut_scale, "--cut-scale"), resolution=resolution,
+                         cut_scale=_range(cut_scale, "--cut-scale"),
+                         region=_range(region, "--region"), min_contrast=min_contrast,
+                         resolution=resolution,
                          channels=channels, ifs=_ifs_config(**kw))
 
 

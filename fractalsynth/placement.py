@@ -90,7 +90,7 @@ def _foreground_corner(rng, fg: Foreground, c):
 
 
 def choose_locations(rng: np.random.Generator, shape, placement: str, fg: Foreground | None,
-                     cut_scale=(0.1, 0.5), fg_cut_scale=(0.05, 1.5)):
+                     cut_scale=(0.1, 0.5), fg_cut_scale=(0.05, 1.5), region=(0.1, 0.9)):
     """(cut size c, source top-left, paste top-left) for one anomaly in an image of ``shape``."""
     h, w = shape[:2]
     short = min(h, w)
@@ -100,4 +100,4 @@ def choose_locations(rng: np.random.Generator, shape, placement: str, fg: Foregr
         c = min(max(c, 2), short)
         return c, _foreground_corner(rng, fg, c), _foreground_corner(rng, fg, c)
     c = min(max(int(round(rng.uniform(*cut_scale) * short)), 2), short)
-    return c, _uniform_corner(rng, h, w, c), _uniform_corner(rng, h, w, c)
+    return c, _uniform_corner(rng, h, w, c, *region), _uniform_corner(rng, h, w, c, *region)

@@ -121,3 +121,57 @@ def test_resize_keeps_channel_axis(shape):
     out = resize(img, 64, 64)
     assert out.ndim == len(shape) and out.shape[:2] == (64, 64)
     assert prepare_normal(img, 64, 1).shape == (64, 64, 1)
+
+
+def test_region_band():
+    """The method's 10-90 % band keeps anomalies off the border; region 0-1 reaches it."""
+    img = _image(128, 128)
+
+    def border_hits(region):
+        gen = FractalAnomaly(size=64, seed=3, region=region, cut_scale=(0.1, 0.2))
+        hits = 0
+        for i in range(150):
+            rec = gen.record(img, i)
+            hits += rec.y <= 1 or rec.x <= 1 or rec.y + rec.mask.shape[0] >= 63 \
+                or rec.x + rec.mask.shape[1] >= 63
+        return hits
+
+    assert border_hits((0.1, 0.9)) == 0
+    assert border_hits((0.0, 1.0)) > 0
+    with pytest.raises(ValueError, match="region"):
+        AnomalyConfig(region=(0.5, 0.4))
+    with pytest.raises(ValueError, match="region"):
+        AnomalyConfig(region=(0.0, 1.5))
+
+
+def test_noise_kernel_matches_numpy():
+    from fractalsynth.anomaly import add_noise_inside
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    mask = (rng.random((20, 30)) < 0.4).astype(np.uint8)
+    noise = rng.standard_normal(int(mask.sum()), dtype=np.float32) * 20
+    want = img.copy()
+    inside = mask > 0
+    want[inside] = np.clip(img[inside] + noise[:, None] * np.float32(10) + np.float32(0.5),
+                           0, 255).astype(np.uint8)
+    assert np.array_equal(add_noise_inside(img.copy(), mask, noise, 10.0), want)
+    assert (want[inside] == 255).any() and (want[inside] == 0).any()  # both clips exercised
+
+
+def test_min_contrast_redraws_faint_anomalies():
+    from fractalsynth.anomaly import contrast
+    img = np.tile(np.linspace(90, 110, 96, dtype=np.float32), (80, 1)).astype(np.uint8)
+
+    def faint(min_contrast):
+        gen = FractalAnomaly(size=64, seed=4, min_contrast=min_contrast, noise_prob=0.0,
+                             mild_jitter=0.0, dilate_iterations=0, content="same")
+        values = []
+        for i in range(80):
+            n, a, m = gen(img, i)
+            values.append(contrast(a, n, m))
+        return np.array(values)
+
+    assert (faint(0.0) < 8).mean() > 0.05  # the paper's colour changes are often faint here
+    assert (faint(8.0) >= 8).all()
+    with pytest.raises(ValueError, match="min_contrast"):
+        AnomalyConfig(min_contrast=-1)
