@@ -3,6 +3,8 @@
     python benchmarks/bench_mtd.py                      # paper schedule, default Lite0 teacher
     python benchmarks/bench_mtd.py --mask-source rectangle   # ablation: mask shape only
     python benchmarks/bench_mtd.py --no-kd                   # ablation: no distillation
+    python benchmarks/bench_mtd.py --region 0-1 --cut-scale 0.03-0.5 \
+        --content same=0.5,noise=0.25,fractal=0.25           # small defects anywhere (README)
 
 Default data: ../shared/data/magnetic_tile/magnetic_tile (MVTec layout). The paper schedule is
 100 epochs x 391 samples = 39,100 samples (1,222 steps of 32); ``--steps`` shortens it.
