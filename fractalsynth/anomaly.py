@@ -2,12 +2,14 @@
 
 The published procedure (method section 1), with numpy / OpenCV / Numba only:
 
-1. cut size and locations (``placement``): uniform in the central 10-90 % or inside the foreground;
+1. cut size and locations (``placement``): uniform in the central 10-90 % (``region``) or inside
+   the foreground;
 2. the patch's content (default: cut from the same image) gets ONE of colour jitter (0.2),
    strong brightness/contrast (1.0) or a two-channel scaling U(0, 2); random flips; a rotation
    by U(15, 75) degrees without expanding (corners become transparent);
 3. a fractal mask at the cut size is multiplied into the patch's alpha;
-4. the patch is pasted (hard, or alpha-blended with an opacity range);
+4. the patch is pasted (hard, or alpha-blended with an opacity range); with ``min_contrast`` > 0
+   (not in the paper) steps 1-4 are redrawn while the mean grey-level change is fainter;
 5. the mask is dilated (3x3, 3 iterations) at the output size;
 6. with probability 0.5 grey-level Gaussian noise (sigma 10, shared by the channels) inside the
    mask;
@@ -289,7 +291,6 @@ def _bbox(mask: np.ndarray):
 
 def _paste(rng, image, fg, cfg, pool, textures, content_p):
     """Steps 1-4 on ``image``: the pasted region (y, x, pixels, alpha) and the content kind."""
-    h, w, ch = image.shape
     names, cum = content_p
     kind = CONTENTS.index(names[min(int(np.searchsorted(cum, rng.random(), side="right")),
                                     len(names) - 1)])

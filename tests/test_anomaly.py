@@ -53,6 +53,12 @@ def test_hundreds_of_samples_default():
     _check_invariants(gen, _image(120, 100), 200)
 
 
+def test_hundreds_of_samples_small_defects_anywhere():
+    gen = FractalAnomaly(size=64, seed=0, region=(0.0, 1.0), cut_scale=(0.03, 0.5),
+                         min_contrast=10.0, content="same=0.5,noise=0.25,fractal=0.25")
+    _check_invariants(gen, _image(120, 100), 200)
+
+
 @pytest.mark.parametrize("shape,ch,dtype", [
     ((50, 70), 1, np.uint8), ((50, 70), 3, np.uint8), ((50, 70), 4, np.uint8),
     ((50, 70), 3, np.uint16), ((20, 24), 3, np.uint8), ((9, 31), 1, np.uint8),
