@@ -55,6 +55,13 @@ def _conv_bn_relu(cin, cout, k=3):
                          nn.ReLU(inplace=True))
 
 
+def _identity_grid(h: int, w: int, device) -> torch.Tensor:
+    ys = torch.linspace(-1.0, 1.0, h, device=device)
+    xs = torch.linspace(-1.0, 1.0, w, device=device)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([gx, gy], dim=-1).unsqueeze(0)
+
+
 class FlowAlign(nn.Module):
     """Warp a coarse map onto a finer grid by a learned flow (SFNet's alignment module)."""
 
@@ -65,12 +72,11 @@ class FlowAlign(nn.Module):
 
     def base_grid(self, h: int, w: int, device) -> torch.Tensor:
         """Identity sampling grid [1, h, w, 2] in [-1, 1] (float32, cached per size)."""
+        if torch.compiler.is_compiling():  # traced once into the graph; no cache guards
+            return _identity_grid(h, w, device)
         key = (h, w, str(device))
         if key not in self._grids:
-            ys = torch.linspace(-1.0, 1.0, h, device=device)
-            xs = torch.linspace(-1.0, 1.0, w, device=device)
-            gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-            self._grids[key] = torch.stack([gx, gy], dim=-1).unsqueeze(0)
+            self._grids[key] = _identity_grid(h, w, device)
         return self._grids[key]
 
     def forward(self, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
