@@ -26,6 +26,11 @@ DEFAULT_DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data",
                                              "magnetic_tile"))
 
 
+def _range(text: str) -> tuple:
+    """'0.1-0.5' -> (0.1, 0.5)."""
+    return tuple(float(v) for v in text.split("-"))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=DEFAULT_DATA)
@@ -66,8 +71,7 @@ def main(argv=None):
     shards = os.path.join(work, "shards")
     generate(os.path.join(args.data, "train", "good"), shards, n,
              AnomalyConfig(size=args.size, mask_source=args.mask_source, placement=args.placement,
-                           cut_scale=tuple(float(v) for v in args.cut_scale.split("-")),
-                           region=tuple(float(v) for v in args.region.split("-")),
+                           cut_scale=_range(args.cut_scale), region=_range(args.region),
                            content=parse_content(args.content),
                            min_contrast=args.min_contrast),
              seed=args.seed, shard_size=min(n, 10000), workers=os.cpu_count() or 1,

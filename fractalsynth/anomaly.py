@@ -294,7 +294,7 @@ def _paste(rng, image, fg, cfg, pool, textures, content_p):
     names, cum = content_p
     kind = CONTENTS.index(names[min(int(np.searchsorted(cum, rng.random(), side="right")),
                                     len(names) - 1)])
-    for _ in range(_MAX_TRIES):
+    for attempt in range(_MAX_TRIES):
         c, (sy, sx), (dy, dx) = choose_locations(rng, image.shape, cfg.placement, fg,
                                                  cfg.cut_scale, cfg.fg_cut_scale, cfg.region)
         patch = _content_patch(rng, CONTENTS[kind], image, sy, sx, c, pool, textures, cfg)
@@ -307,7 +307,9 @@ def _paste(rng, image, fg, cfg, pool, textures, content_p):
         patch, alpha = _rotate(patch, rng.uniform(*cfg.rotation))
         alpha &= _shape_mask(rng, cfg, c)
         if not alpha.any():
-            continue
+            if attempt < _MAX_TRIES - 1:
+                continue
+            alpha[c // 2, c // 2] = 1  # vanishingly rare: the mask is never empty
         region = image[dy:dy + c, dx:dx + c]
         if cfg.blend == "paste":
             pasted = region.copy()
@@ -317,14 +319,9 @@ def _paste(rng, image, fg, cfg, pool, textures, content_p):
             mixed = region.astype(np.float32) * (1 - op) + patch.astype(np.float32) * op
             pasted = np.where(alpha[:, :, None] > 0,
                               np.clip(mixed + 0.5, 0, 255).astype(np.uint8), region)
+        # the last try is kept even when faint
         if cfg.min_contrast <= 0 or contrast(pasted, region, alpha) >= cfg.min_contrast:
             break
-    else:  # rare: keep the last try (its shape's centre if empty) so the mask is never empty
-        if not alpha.any():
-            alpha[c // 2, c // 2] = 1
-            region = image[dy:dy + c, dx:dx + c]
-            pasted = region.copy()
-            cv2.copyTo(patch, alpha, pasted)
     return dy, dx, pasted, alpha, kind
 
 
@@ -332,12 +329,13 @@ def _finish(rng, base, anomalous, mask, y0, x0, cfg, spread):
     """Steps 5-7 on a window at (y0, x0) of the output image: dilate, noise, crop, jitter draw.
 
     ``spread``: changes may lie outside the mask (after a resize), so the crop covers them too.
+    ``anomalous`` (a fresh array of the caller's) receives the noise in place.
     """
     if cfg.dilate_iterations > 0:
         mask = cv2.dilate(mask, _DILATE_KERNEL, iterations=cfg.dilate_iterations)
     if rng.random() < cfg.noise_prob:
         noise = rng.standard_normal(cv2.countNonZero(mask), dtype=np.float32)
-        anomalous = add_noise_inside(anomalous.copy(), mask, noise, cfg.noise_sigma)
+        add_noise_inside(anomalous, mask, noise, cfg.noise_sigma)
     changed = (mask | (anomalous != base).any(axis=2)).astype(np.uint8) if spread else mask
     r0, r1, c0, c1 = _bbox(changed)
     j = cfg.mild_jitter  # brightness, contrast, saturation ~ U(1-j, 1+j); hue ~ U(-j, j)
