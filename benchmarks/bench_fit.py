@@ -44,6 +44,7 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=None, help="default: enough for warm-up + steps")
     ap.add_argument("--kd", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--cuda-graph", action="store_true", help="capture the step as a CUDA graph")
     ap.add_argument("--no-channels-last", action="store_true")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     args = ap.parse_args(argv)
@@ -63,6 +64,7 @@ def main(argv=None):
         gen_seconds = time.perf_counter() - t
     cfg = FitConfig(backbone=args.backbone, pretrained=False, kd=args.kd, batch_size=args.batch_size,
                     device=args.device, workers=args.workers, compile=args.compile,
+                    cuda_graph=args.cuda_graph,
                     channels_last=not args.no_channels_last, bf16=not args.fp32,
                     steps=args.steps + args.warmup)
     tr = Trainer(shards, cfg)
@@ -77,7 +79,9 @@ def main(argv=None):
         tr.step(b)
     _sync(dev)
     t = time.perf_counter()
+    packed_bytes = 0
     for b in batches:
+        packed_bytes += b["packed"].numel()
         tr.step(b)
     _sync(dev)
     shard_sps = args.steps * args.batch_size / (time.perf_counter() - t)
@@ -95,9 +99,11 @@ def main(argv=None):
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()}",
         "backbone": args.backbone, "batch_size": args.batch_size, "size": args.size, "kd": args.kd,
         "bf16": cfg.bf16 and dev.type == "cuda", "channels_last": cfg.channels_last,
-        "compile": args.compile, "workers": args.workers, "steps": args.steps,
+        "compile": args.compile, "cuda_graph": args.cuda_graph, "workers": args.workers, "steps": args.steps,
         "shard_samples_per_s": round(shard_sps, 1), "resident_samples_per_s": round(resident_sps, 1),
-        "ratio": round(shard_sps / resident_sps, 3), "generate_seconds": gen_seconds,
+        "ratio": round(shard_sps / resident_sps, 3),
+        "host_to_device_bytes_per_sample": round(packed_bytes / (args.steps * args.batch_size)),
+        "generate_seconds": gen_seconds,
     }
     if tmp:
         import shutil

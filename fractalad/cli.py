@@ -40,18 +40,20 @@ def main():
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="MVTec category: textures train without distillation.")
 @click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the step.")
+@click.option("--cuda-graph/--no-cuda-graph", default=False, show_default=True,
+              help="Capture the step as a CUDA graph and replay it (one GPU).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @_fail_cleanly
 def fit(shards, out, backbone, weights, epochs, steps, batch_size, lr, weight_decay, seed, device,
-        workers, kd, preset, compile, checkpoint_every, resume):
+        workers, kd, preset, compile, cuda_graph, checkpoint_every, resume):
     """Train FractalAD from a shard dataset into a run folder."""
     from .train import FitConfig, fit as run
     if kd is None:
         kd = PRESETS[preset]["kd"] if preset else True
     cfg = FitConfig(backbone=backbone, weights=weights, kd=kd, epochs=epochs, steps=steps,
                     batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
-                    device=device, workers=workers, compile=compile,
+                    device=device, workers=workers, compile=compile, cuda_graph=cuda_graph,
                     checkpoint_every=checkpoint_every)
     summary = run(shards, out, cfg, resume=resume)
     click.echo(f"{out}: {summary['steps']} steps, {summary['samples_per_s']:.1f} samples/s, "

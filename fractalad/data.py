@@ -1,10 +1,13 @@
 """Shards to device batches: normals live on the device, compact records stream in, the GPU pastes.
 
 Workers read whole batches of consecutive records (samples were shuffled at write time; the
-batch order is shuffled per epoch from the seed), unpack the mask bits and compute flat target
-indices. The device gathers the batch's normals, scatters the crops and mask pixels into them
-with one ``index_put``, and applies the shared mild jitter as one colour matrix per sample.
-The same code runs on the CPU.
+batch order is shuffled per epoch from the seed) and pack each into ONE uint8 buffer: the
+records' small fields as 32-bit words, then the crops' pixels and packed mask bits as stored.
+One buffer means one shared-memory segment per batch between processes and one pinned
+host-to-device copy; the device derives every paste index from the boxes, so the transfer is
+about the crop bytes themselves. The device gathers the batch's normals, scatters crops and
+unpacked mask bits into them with one ``index_copy_`` each, and applies the shared mild jitter
+as one colour matrix per sample. The same code runs on the CPU.
 """
 from __future__ import annotations
 
@@ -13,11 +16,56 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fractalsynth.color import P_CHROMA, P_LUMA, P_ROT
-from fractalsynth.shards import ShardDataset, ShardError
+from fractalsynth.shards import RecordBatch, ShardDataset, ShardError
+
+WORDS_PER_RECORD = 10  # normal index, box (y, x, h, w), mask-bits start, jitter (4 x float32)
+
+
+def pack_records(rb: RecordBatch) -> torch.Tensor:
+    """A record batch as one uint8 tensor: ``WORDS_PER_RECORD`` int32 words per record, pixels, bits."""
+    n = len(rb)
+    words = np.empty((WORDS_PER_RECORD, n), np.int32)
+    words[0] = rb.normal_index
+    words[1:5] = rb.box.T
+    words[5] = rb.mask_offset[:-1]
+    words[6:10] = rb.jitter.astype(np.float32).T.view(np.int32)
+    parts = (words.reshape(-1).view(np.uint8), rb.pixels.reshape(-1), rb.mask_bits)
+    return torch.from_numpy(np.concatenate(parts))
+
+
+def unpack_records(buf: torch.Tensor, n: int, n_pixels: int, channels: int):
+    """Views into a packed buffer: (normal_index, box, mask_start, jitter, pixels, mask_bits)."""
+    head = WORDS_PER_RECORD * n * 4
+    words = buf[:head].view(torch.int32).view(WORDS_PER_RECORD, n)
+    pixels = buf[head:head + n_pixels * channels].view(n_pixels, channels)
+    bits = buf[head + n_pixels * channels:]
+    return (words[0].long(), words[1:5].T.long(), words[5].long(),
+            words[6:10].view(torch.float32).T, pixels, bits)
+
+
+def paste_indices(box: torch.Tensor, size: int, n_pixels: int):
+    """Flat indices into a [B*size*size] canvas of every box pixel (row-major, record order),
+    with each pixel's position inside its own box; no host sync (``n_pixels`` is known)."""
+    y, x, h, w = box.unbind(1)
+    areas = h * w
+    record = torch.repeat_interleave(torch.arange(len(box), device=box.device), areas,
+                                     output_size=n_pixels)
+    local = torch.arange(n_pixels, device=box.device) - (torch.cumsum(areas, 0) - areas)[record]
+    wr = w[record]
+    rows = torch.div(local, wr, rounding_mode="floor") + y[record]
+    cols = local % wr + x[record]
+    return (record * size + rows) * size + cols, record, local
+
+
+def unpack_mask_bits(bits: torch.Tensor, start: torch.Tensor, record: torch.Tensor,
+                     local: torch.Tensor) -> torch.Tensor:
+    """The 0/1 mask value of every box pixel from per-record ``np.packbits`` streams (MSB first)."""
+    byte = bits[start[record] + torch.div(local, 8, rounding_mode="floor")]
+    return (byte >> (7 - local % 8).to(torch.uint8)) & 1
 
 
 class RecordBatches(Dataset):
-    """Map-style dataset whose item ``k`` is the k-th full batch of records, ready to paste."""
+    """Map-style dataset whose item ``k`` is the k-th full batch of records, packed for the device."""
 
     def __init__(self, shards: ShardDataset, batch_size: int):
         self.shards = shards
@@ -34,23 +82,8 @@ class RecordBatches(Dataset):
     def __getitem__(self, k):
         shard, start, stop = self.ranges[k]
         rb = self.shards.records(shard, start, stop)
-        s, ch = self.shards.size, self.shards.channels
-        y, x, h, w = (rb.box[:, i].astype(np.int64) for i in range(4))
-        areas = h * w
-        sample = np.repeat(np.arange(len(rb)), areas)
-        local = np.arange(areas.sum()) - np.repeat(np.cumsum(areas) - areas, areas)
-        rows = local // np.repeat(w, areas) + np.repeat(y, areas)
-        cols = local % np.repeat(w, areas) + np.repeat(x, areas)
-        target = (sample * s + rows) * s + cols
-        bits = [np.unpackbits(rb.mask_bits[rb.mask_offset[j]:rb.mask_offset[j + 1]],
-                              count=int(areas[j])) for j in range(len(rb))]
-        return {
-            "normal_index": torch.from_numpy(rb.normal_index.astype(np.int64)),
-            "target": torch.from_numpy(target),
-            "pixels": torch.from_numpy(rb.pixels.reshape(-1, ch)),
-            "mask": torch.from_numpy(np.concatenate(bits)),
-            "jitter": torch.from_numpy(rb.jitter),
-        }
+        n_pixels = int((rb.box[:, 2].astype(np.int64) * rb.box[:, 3]).sum())
+        return {"packed": pack_records(rb), "n": len(rb), "n_pixels": n_pixels}
 
 
 def batch_order(n_batches: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list:
@@ -72,19 +105,17 @@ class DeviceNormals:
 
     def rebuild(self, batch: dict):
         """(normal, anomalous, mask) float tensors in [0, 1], [B, C, S, S] / [B, 1, S, S]."""
-        dev = self.device
-        idx = batch["normal_index"].to(dev, non_blocking=True)
-        target = batch["target"].to(dev, non_blocking=True)
-        pixels = batch["pixels"].to(dev, non_blocking=True)
-        maskv = batch["mask"].to(dev, non_blocking=True)
-        jit = batch["jitter"].to(dev, non_blocking=True)
+        buf = batch["packed"].to(self.device, non_blocking=True)
+        idx, box, start, jit, pixels, bits = unpack_records(buf, batch["n"], batch["n_pixels"],
+                                                            self.channels)
         base = self.images.index_select(0, idx)  # uint8 [B, C, S, S]
         b, c, s, _ = base.shape
+        target, record, local = paste_indices(box, s, batch["n_pixels"])
         anom = base.permute(0, 2, 3, 1).reshape(-1, c).clone()
         anom.index_copy_(0, target, pixels)
         anom = anom.view(b, s, s, c).permute(0, 3, 1, 2)
-        mask = torch.zeros(b * s * s, dtype=torch.uint8, device=dev)
-        mask.index_copy_(0, target, maskv)
+        mask = torch.zeros(b * s * s, dtype=torch.uint8, device=self.device)
+        mask.index_copy_(0, target, unpack_mask_bits(bits, start, record, local))
         mats, offs = self.jitter(jit, self.means.index_select(0, idx))
         normal = _color(base, mats, offs)
         anomalous = _color(anom, mats, offs)

@@ -85,8 +85,10 @@ class FlowAlign(nn.Module):
         flow = self.flow(torch.cat([fine, up], dim=1)).float()
         # flow is in pixels of the fine grid; grid_sample wants [-1, 1] units (kept in float32:
         # bf16 cannot resolve a pixel of a 64-pixel grid near the border)
-        scale = flow.new_tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)])
-        grid = self.base_grid(h, w, fine.device) + flow.permute(0, 2, 3, 1) * scale
+        # (python-scalar factors: no host-to-device copy, so the step stays CUDA-graph capturable)
+        offset = torch.stack([flow[:, 0] * (2.0 / max(w - 1, 1)), flow[:, 1] * (2.0 / max(h - 1, 1))],
+                             dim=-1)
+        grid = self.base_grid(h, w, fine.device) + offset
         return F.grid_sample(coarse.float(), grid, mode="bilinear", padding_mode="border",
                              align_corners=True).to(coarse.dtype)
 

@@ -45,6 +45,7 @@ class FitConfig:
     workers: int = 2
     bf16: bool = True  # autocast on CUDA only
     compile: bool = False
+    cuda_graph: bool = False  # capture the step once, replay it (one GPU, static shapes)
     channels_last: bool = True
     checkpoint_every: int = 500
     log_every: int = 25
@@ -103,10 +104,12 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         if cuda and cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.rank, self.world = _dist_info()
+        if cfg.cuda_graph:
+            _check_cuda_graph(cfg, self.device, self.world)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     fused=cuda or None)
-        self.rank, self.world = _dist_info()
+                                     fused=cuda or None, capturable=cfg.cuda_graph)
         self.net = self.model
         if self.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -114,13 +117,20 @@ class Trainer:
         self._step_fn = self._train_step
         if cfg.compile:
             self._step_fn = torch.compile(self._train_step)
+        elif cfg.cuda_graph:
+            self._step_fn = GraphedStep(self._update, self.opt)
         self.step_count = 0
 
     def _train_step(self, normal, anomalous, mask):
-        with torch.autocast(self.device.type, dtype=torch.bfloat16,
+        self.opt.zero_grad(set_to_none=True)
+        return self._update(normal, anomalous, mask)
+
+    def _update(self, normal, anomalous, mask):
+        """Forward, backward and optimizer step on zeroed (or capture-fresh) gradients."""
+        # autocast's weight-cast cache would hold tensors made outside a captured graph
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not self.cfg.cuda_graph,
                             enabled=self.cfg.bf16 and self.device.type == "cuda"):
             total, kd, seg = self.net(anomalous, normal, mask)
-        self.opt.zero_grad(set_to_none=True)
         total.backward()
         self.opt.step()
         return total.detach(), kd, seg
@@ -159,6 +169,58 @@ class Trainer:
         self.model.load_state_dict(state["model"], strict=False)
         self.opt.load_state_dict(state["optimizer"])
         self.step_count = int(state["step"])
+        if isinstance(self._step_fn, GraphedStep):
+            self._step_fn.reset()  # a captured graph would keep updating the replaced state
+
+
+def _check_cuda_graph(cfg: FitConfig, device: torch.device, world: int) -> None:
+    if device.type != "cuda":
+        raise ValueError("--cuda-graph needs a GPU (--device cuda); drop it on the CPU")
+    if cfg.compile:
+        raise ValueError("--cuda-graph and --compile exclude each other; choose one")
+    if world > 1:
+        raise ValueError("--cuda-graph runs on one GPU; drop it under torchrun")
+
+
+class GraphedStep:
+    """A training update captured once as a CUDA graph and replayed for every later batch.
+
+    The first ``warmup`` calls run eagerly on a side stream (real updates, which also let
+    cuDNN and the fused optimizer allocate their state); the next call captures the update on
+    static copies of its inputs and replays it. Later calls copy the batch into those copies
+    and replay: one launch instead of hundreds, which is what a launch-bound step needs.
+    """
+
+    def __init__(self, update, optimizer, warmup: int = 3):
+        self.update, self.opt, self.warmup = update, optimizer, warmup
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the captured graph (after the optimizer state or weights were replaced)."""
+        self.graph, self.inputs, self.outputs, self.calls = None, None, None, 0
+
+    def __call__(self, *inputs):
+        if self.graph is None and self.calls < self.warmup:
+            self.calls += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.opt.zero_grad(set_to_none=True)
+                out = self.update(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.graph is None:
+            self.inputs = [x.clone() for x in inputs]
+            self.opt.zero_grad(set_to_none=True)  # backward inside the capture makes static grads
+            self.graph = torch.cuda.CUDAGraph()
+            # thread-local: the loader's pin-memory thread may touch CUDA during the capture
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.outputs = self.update(*self.inputs)
+        else:
+            for static, x in zip(self.inputs, inputs):
+                static.copy_(x, non_blocking=True)
+        self.graph.replay()
+        return self.outputs
 
 
 def _atomic_save(obj, path):

@@ -31,6 +31,29 @@ def _cfg(**kw):
     return FitConfig(**base)
 
 
+@pytest.mark.parametrize("channels", ["grey", "rgb"])
+def test_device_rebuild_matches_the_numpy_reader(tiny_shards, tmp_path, channels):
+    from fractalsynth.shards import ShardDataset
+    from fractalad.data import DeviceNormals, RecordBatches
+    root = tiny_shards
+    if channels == "rgb":
+        root = str(tmp_path / "rgb")
+        generate(os.path.join(os.path.dirname(tiny_shards), "normals"), root, 24,
+                 AnomalyConfig(size=40, channels="rgb"), seed=1, shard_size=12)
+    ds = ShardDataset(root)
+    batches, normals = RecordBatches(ds, 4), DeviceNormals(ds, torch.device("cpu"))
+    assert len(batches) > 1
+    for k in range(len(batches)):
+        shard, start, stop = batches.ranges[k]
+        want = ds.compose_batch(ds.records(shard, start, stop))
+        got = normals.rebuild(batches[k])
+        assert torch.equal(got[2][:, 0].to(torch.uint8) * 255, torch.from_numpy(want[2]))
+        for g, w in zip(got[:2], want[:2]):  # device keeps floats; the reader rounds (OpenCV)
+            diff = (g.permute(0, 2, 3, 1) * 255 - torch.from_numpy(w).float()).abs().max()
+            assert diff <= 1.0
+        assert got[2].sum() > 0
+
+
 def test_training_lowers_the_loss(tiny_shards):
     torch.manual_seed(0)
     tr = Trainer(tiny_shards, _cfg(steps=30, lr=2e-3))
@@ -54,6 +77,31 @@ def test_checkpoint_resume_round_trips_exactly(tiny_shards):
     a, c = straight.model.trainable_state(), resumed.model.trainable_state()
     assert a.keys() == c.keys()
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_cuda_graph_settings_are_checked(tiny_shards):
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="exclude each other"):
+            Trainer(tiny_shards, _cfg(steps=1, device="cuda", cuda_graph=True, compile=True))
+    else:
+        with pytest.raises(ValueError, match="needs a GPU"):
+            Trainer(tiny_shards, _cfg(steps=1, cuda_graph=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_training_matches_eager(tiny_shards):
+    torch.backends.cudnn.deterministic = True
+    runs = []
+    for graph in (False, True):
+        torch.manual_seed(0)
+        tr = Trainer(tiny_shards, _cfg(steps=8, device="cuda", bf16=False, cuda_graph=graph))
+        torch.backends.cudnn.benchmark = False
+        losses = [float(tr.step(b)[0]) for b in tr.batches_from(0, 8, 0)]
+        runs.append((losses, tr.model.trainable_state()))
+    (l0, w0), (l1, w1) = runs
+    np.testing.assert_allclose(l0, l1, rtol=1e-3, atol=1e-5)  # steps 5-8 are graph replays
+    for k in w0:
+        torch.testing.assert_close(w0[k].float(), w1[k].float(), rtol=1e-3, atol=1e-4)
 
 
 def test_fit_writes_a_run_and_refuses_to_clobber(tiny_shards, tmp_path):
