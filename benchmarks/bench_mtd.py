@@ -46,6 +46,9 @@ def main(argv=None):
     ap.add_argument("--region", default="0.1-0.9", help="uniform placement band (0-1: anywhere)")
     ap.add_argument("--min-contrast", type=float, default=0.0,
                     help="redraw anomalies whose mean grey-level change is below this")
+    ap.add_argument("--thin", type=float, default=0.0,
+                    help="share of anomalies drawn as their shape's skeleton (lines)")
+    ap.add_argument("--thin-width", default="1-3", help="width range of those lines, pixels")
     ap.add_argument("--content", default="same", help="anomaly content mix, e.g. same=0.5,noise=0.5")
     ap.add_argument("--kd", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--device", default="auto")
@@ -73,7 +76,8 @@ def main(argv=None):
              AnomalyConfig(size=args.size, mask_source=args.mask_source, placement=args.placement,
                            cut_scale=_range(args.cut_scale), region=_range(args.region),
                            content=parse_content(args.content),
-                           min_contrast=args.min_contrast),
+                           min_contrast=args.min_contrast, thin=args.thin,
+                           thin_width=tuple(int(v) for v in _range(args.thin_width))),
              seed=args.seed, shard_size=min(n, 10000), workers=os.cpu_count() or 1,
              log=lambda m: None)
     seconds["generate"] = time.perf_counter() - t
@@ -90,7 +94,8 @@ def main(argv=None):
         "data": os.path.basename(os.path.normpath(args.data)), "device": dev,
         "backbone": args.backbone, "kd": args.kd, "mask_source": args.mask_source,
         "cut_scale": args.cut_scale, "region": args.region, "content": args.content,
-        "min_contrast": args.min_contrast, "seed": args.seed,
+        "min_contrast": args.min_contrast, "thin": args.thin, "thin_width": args.thin_width,
+        "seed": args.seed,
         "size": args.size, "steps": summary["steps"], "batch_size": args.batch_size,
         "train_samples_per_s": round(summary["samples_per_s"], 1),
         "test_images_per_s": round(report["images_per_s"], 1),

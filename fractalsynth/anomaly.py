@@ -7,7 +7,9 @@ The published procedure (method section 1), with numpy / OpenCV / Numba only:
 2. the patch's content (default: cut from the same image) gets ONE of colour jitter (0.2),
    strong brightness/contrast (1.0) or a two-channel scaling U(0, 2); random flips; a rotation
    by U(15, 75) degrees without expanding (corners become transparent);
-3. a fractal mask at the cut size is multiplied into the patch's alpha;
+3. a fractal mask at the cut size is multiplied into the patch's alpha (with ``thin`` > 0, not
+   in the paper, that share of shapes is reduced to its skeleton, ``thin_width`` px wide: branching
+   fractal lines, the crack and scratch family);
 4. the patch is pasted (hard, or alpha-blended with an opacity range); with ``min_contrast`` > 0
    (not in the paper) steps 1-4 are redrawn while the mean grey-level change is fainter;
 5. the mask is dilated (3x3, 3 iterations) at the output size;
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field, fields, replace
 import cv2
 import numba
 import numpy as np
+from skimage.morphology import skeletonize
 
 from . import ifs
 from .color import apply_color_transform, jitter_matrix, mean_luma
@@ -58,6 +61,8 @@ class AnomalyConfig:
     region: tuple = (0.1, 0.9)  # uniform placement: the band of each side cuts and pastes use
     rotation: tuple = (15.0, 75.0)
     min_contrast: float = 0.0  # > 0: redraw anomalies whose mean |change| is below (grey levels)
+    thin: float = 0.0  # share of anomalies drawn as the skeleton of their shape (lines)
+    thin_width: tuple = (1, 3)  # their width in pixels (of the synthesis resolution) ~ U{lo..hi}
     dilate_iterations: int = 3
     noise_prob: float = 0.5
     noise_sigma: float = 10.0
@@ -85,12 +90,16 @@ class AnomalyConfig:
                 raise ValueError(f"content proportion of {name!r} must be >= 0, got {weight}")
         if sum(w for _, w in self.content) <= 0:
             raise ValueError("content proportions must not all be 0")
-        for name in ("opacity", "cut_scale", "fg_cut_scale", "rotation", "region"):
+        for name in ("opacity", "cut_scale", "fg_cut_scale", "rotation", "region", "thin_width"):
             lo, hi = getattr(self, name)
             if lo > hi or lo < 0:
                 raise ValueError(f"{name} must be a range lo <= hi with lo >= 0, got {(lo, hi)}")
         if self.region[1] > 1 or self.region[0] >= self.region[1]:
             raise ValueError(f"region must satisfy 0 <= lo < hi <= 1, got {self.region}")
+        if not 0 <= self.thin <= 1:
+            raise ValueError(f"thin must be in [0, 1], got {self.thin}")
+        if not 1 <= int(self.thin_width[0]) <= int(self.thin_width[1]):
+            raise ValueError(f"thin_width must be a range 1 <= lo <= hi, got {self.thin_width}")
         if self.min_contrast < 0:
             raise ValueError(f"min_contrast must be >= 0, got {self.min_contrast}")
         if not 0 <= self.noise_prob <= 1:
@@ -106,7 +115,7 @@ class AnomalyConfig:
     def from_dict(cls, d: dict) -> "AnomalyConfig":
         d = dict(d)
         d["ifs"] = ifs.IFSConfig.from_dict(d.get("ifs", {}))
-        for k in ("opacity", "cut_scale", "fg_cut_scale", "rotation", "region"):
+        for k in ("opacity", "cut_scale", "fg_cut_scale", "rotation", "region", "thin_width"):
             if k in d:
                 d[k] = tuple(d[k])
         d["content"] = tuple(tuple(c) for c in d.get("content", (("same", 1.0),)))
@@ -183,6 +192,14 @@ def _shape_mask(rng, cfg: AnomalyConfig, c: int) -> np.ndarray:
     key = np.uint64(int(rng.integers(0, 2 ** 63)))
     ifs.make_fractal_mask(key, cfg.ifs.as_array(), out, maps)
     return (out > 0).view(np.uint8)
+
+
+def skeleton_lines(mask: np.ndarray, width: int) -> np.ndarray:
+    """The one-pixel skeleton of a 0/1 mask, thickened to ``width`` px (uint8 0/1)."""
+    lines = skeletonize(mask > 0).view(np.uint8)
+    if width > 1:
+        lines = cv2.dilate(lines, np.ones((width, width), np.uint8))
+    return lines
 
 
 @numba.njit(cache=True, nogil=True)
@@ -306,6 +323,8 @@ def _paste(rng, image, fg, cfg, pool, textures, content_p):
         patch = np.ascontiguousarray(patch)
         patch, alpha = _rotate(patch, rng.uniform(*cfg.rotation))
         alpha &= _shape_mask(rng, cfg, c)
+        if cfg.thin > 0 and rng.random() < cfg.thin:
+            alpha = skeleton_lines(alpha, int(rng.integers(cfg.thin_width[0], cfg.thin_width[1] + 1)))
         if not alpha.any():
             if attempt < _MAX_TRIES - 1:
                 continue

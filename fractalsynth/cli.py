@@ -108,6 +108,10 @@ def synth_options(fn):
                           "borders included)."),
         click.option("--min-contrast", type=float, default=0.0, show_default=True,
                      help="Redraw anomalies whose mean grey-level change is below this (0: off)."),
+        click.option("--thin", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+                     help="Share of anomalies drawn as their shape's skeleton: lines like cracks."),
+        click.option("--thin-width", default="1-3", show_default=True,
+                     help="Width range of those lines, pixels."),
         click.option("--resolution", type=click.Choice(["output", "source"]), default="output",
                      show_default=True, help="Synthesise at the output size (fast) or the source's."),
         click.option("--channels", type=click.Choice(["auto", "grey", "rgb"]), default="auto",
@@ -121,7 +125,7 @@ def synth_options(fn):
 
 
 def _synth_config(size, placement, preset, content, mask_source, blend, opacity, cut_scale,
-                  region, min_contrast, resolution, channels, **kw) -> AnomalyConfig:
+                  region, min_contrast, thin, thin_width, resolution, channels, **kw) -> AnomalyConfig:
     if placement is None:
         placement = preset_placement(preset) if preset else "uniform"
     return AnomalyConfig(size=size, placement=placement, content=parse_content(content),
@@ -129,6 +133,7 @@ def _synth_config(size, placement, preset, content, mask_source, blend, opacity,
                          opacity=_range(opacity, "--opacity"),
                          cut_scale=_range(cut_scale, "--cut-scale"),
                          region=_range(region, "--region"), min_contrast=min_contrast,
+                         thin=thin, thin_width=_range(thin_width, "--thin-width", int),
                          resolution=resolution,
                          channels=channels, ifs=_ifs_config(**kw))
 

@@ -181,3 +181,24 @@ def test_min_contrast_redraws_faint_anomalies():
     assert (faint(8.0) >= 8).all()
     with pytest.raises(ValueError, match="min_contrast"):
         AnomalyConfig(min_contrast=-1)
+
+
+def test_thin_anomalies_are_lines():
+    from fractalsynth.anomaly import skeleton_lines
+    disc = cv2.circle(np.zeros((40, 40), np.uint8), (20, 20), 12, 1, -1)
+    line = skeleton_lines(disc, 1)
+    assert 0 < line.sum() < 0.2 * disc.sum() and not (line & (1 - disc)).any()
+    assert not cv2.erode(line, np.ones((2, 2), np.uint8)).any()  # nowhere two pixels thick
+    assert skeleton_lines(disc, 3).sum() > 2 * line.sum()
+
+    def core_share(thin):  # mask pixels whose whole 3x3 neighbourhood is in the mask
+        gen = FractalAnomaly(size=64, seed=3, thin=thin, thin_width=(1, 1), dilate_iterations=0)
+        masks = [gen(_image(), i)[2] > 0 for i in range(40)]
+        core = sum(cv2.erode(m.view(np.uint8), np.ones((3, 3), np.uint8)).sum() for m in masks)
+        return core / sum(m.sum() for m in masks)
+
+    assert core_share(1.0) < 0.05 < 0.3 < core_share(0.0)
+    _check_invariants(FractalAnomaly(size=64, seed=1, thin=0.5, region=(0.0, 1.0)), _image(), 40)
+    for bad in (dict(thin=1.5), dict(thin_width=(0, 2)), dict(thin_width=(3, 2))):
+        with pytest.raises(ValueError, match="thin"):
+            AnomalyConfig(**bad)
