@@ -43,25 +43,31 @@ def unpack_records(buf: torch.Tensor, n: int, n_pixels: int, channels: int):
             words[6:10].view(torch.float32).T, pixels, bits)
 
 
-def paste_indices(box: torch.Tensor, size: int, n_pixels: int):
-    """Flat indices into a [B*size*size] canvas of every box pixel (row-major, record order),
-    with each pixel's position inside its own box; no host sync (``n_pixels`` is known)."""
+def paste_indices(box: torch.Tensor, size: int, n_pixels: int, n_rows: int):
+    """Flat [B*size*size] canvas index of every crop pixel, with (pixel number, each record's
+    first pixel, each record's area) for ``unpack_mask_bits``."""
+    # sizes come from the host (n_pixels = sum h*w, n_rows = sum h), so nothing syncs; a crop
+    # row is a run of consecutive canvas indices, so one offset per row places it
+    dev = box.device
     y, x, h, w = box.unbind(1)
+    row_record = torch.repeat_interleave(torch.arange(len(box), device=dev), h, output_size=n_rows)
+    row_in_box = torch.arange(n_rows, device=dev) - (torch.cumsum(h, 0) - h)[row_record]
     areas = h * w
-    record = torch.repeat_interleave(torch.arange(len(box), device=box.device), areas,
-                                     output_size=n_pixels)
-    local = torch.arange(n_pixels, device=box.device) - (torch.cumsum(areas, 0) - areas)[record]
-    wr = w[record]
-    rows = torch.div(local, wr, rounding_mode="floor") + y[record]
-    cols = local % wr + x[record]
-    return (record * size + rows) * size + cols, record, local
+    first_pixel = torch.cumsum(areas, 0) - areas
+    row_width = w[row_record]
+    row_pixel = first_pixel[row_record] + row_in_box * row_width
+    row_canvas = (row_record * size + y[row_record] + row_in_box) * size + x[row_record]
+    pixel = torch.arange(n_pixels, device=dev)
+    target = pixel + torch.repeat_interleave(row_canvas - row_pixel, row_width, output_size=n_pixels)
+    return target, pixel, first_pixel, areas
 
 
-def unpack_mask_bits(bits: torch.Tensor, start: torch.Tensor, record: torch.Tensor,
-                     local: torch.Tensor) -> torch.Tensor:
-    """The 0/1 mask value of every box pixel from per-record ``np.packbits`` streams (MSB first)."""
-    byte = bits[start[record] + torch.div(local, 8, rounding_mode="floor")]
-    return (byte >> (7 - local % 8).to(torch.uint8)) & 1
+def unpack_mask_bits(bits: torch.Tensor, start: torch.Tensor, pixel: torch.Tensor,
+                     first_pixel: torch.Tensor, areas: torch.Tensor) -> torch.Tensor:
+    """The 0/1 mask value of every crop pixel from per-record ``np.packbits`` streams (MSB first)."""
+    shift = torch.repeat_interleave(start * 8 - first_pixel, areas, output_size=len(pixel))
+    bit = pixel + shift
+    return (bits[bit >> 3] >> (7 - (bit & 7)).to(torch.uint8)) & 1
 
 
 class RecordBatches(Dataset):
@@ -82,8 +88,9 @@ class RecordBatches(Dataset):
     def __getitem__(self, k):
         shard, start, stop = self.ranges[k]
         rb = self.shards.records(shard, start, stop)
-        n_pixels = int((rb.box[:, 2].astype(np.int64) * rb.box[:, 3]).sum())
-        return {"packed": pack_records(rb), "n": len(rb), "n_pixels": n_pixels}
+        h, w = rb.box[:, 2].astype(np.int64), rb.box[:, 3].astype(np.int64)
+        return {"packed": pack_records(rb), "n": len(rb), "n_pixels": int((h * w).sum()),
+                "n_rows": int(h.sum())}
 
 
 def batch_order(n_batches: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list:
@@ -110,12 +117,12 @@ class DeviceNormals:
                                                             self.channels)
         base = self.images.index_select(0, idx)  # uint8 [B, C, S, S]
         b, c, s, _ = base.shape
-        target, record, local = paste_indices(box, s, batch["n_pixels"])
+        target, pixel, first, areas = paste_indices(box, s, batch["n_pixels"], batch["n_rows"])
         anom = base.permute(0, 2, 3, 1).reshape(-1, c).clone()
         anom.index_copy_(0, target, pixels)
         anom = anom.view(b, s, s, c).permute(0, 3, 1, 2)
         mask = torch.zeros(b * s * s, dtype=torch.uint8, device=self.device)
-        mask.index_copy_(0, target, unpack_mask_bits(bits, start, record, local))
+        mask.index_copy_(0, target, unpack_mask_bits(bits, start, pixel, first, areas))
         mats, offs = self.jitter(jit, self.means.index_select(0, idx))
         normal = _color(base, mats, offs)
         anomalous = _color(anom, mats, offs)
