@@ -31,6 +31,7 @@ mtd=(python3 benchmarks/bench_mtd.py --data .gpu/magnetic_tile --weights .gpu/li
 small=(--region 0-1 --content same=0.5,noise=0.25,fractal=0.25 --cut-scale 0.03-0.5)
 run mtd_small_fractal_kd "${mtd[@]}" "${small[@]}"
 run mtd_small_rectangle_kd "${mtd[@]}" "${small[@]}" --mask-source rectangle
+run mtd_small_thin_kd "${mtd[@]}" "${small[@]}" --thin 0.25
 run fit_resnet18_compile "${fit[@]}" --backbone resnet18 --compile
 run mtd_small_fractal_kd_s1 "${mtd[@]}" "${small[@]}" --seed 1
 echo "== done in $SECONDS s"
