@@ -79,13 +79,16 @@ def test_checkpoint_resume_round_trips_exactly(tiny_shards):
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_cuda_graph_settings_are_checked(tiny_shards):
+def test_cuda_graph_settings_are_checked(tiny_shards, tmp_path):
+    from click.testing import CliRunner
+    from fractalad.cli import main
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="exclude each other"):
             Trainer(tiny_shards, _cfg(steps=1, device="cuda", cuda_graph=True, compile=True))
-    else:
-        with pytest.raises(ValueError, match="needs a GPU"):
-            Trainer(tiny_shards, _cfg(steps=1, cuda_graph=True))
+    res = CliRunner().invoke(main, ["fit", tiny_shards, "--out", str(tmp_path / "run"), "--device",
+                                    "cpu", "--cuda-graph", "--steps", "1", "--batch-size", "4"])
+    assert res.exit_code == 2 and "error:" in res.output and "needs a GPU" in res.output
+    assert not (tmp_path / "run" / "model.pt").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
