@@ -8,16 +8,15 @@ from --normals first. Prints one final JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
 
+from benchmarks.bench_shards import finish, temporary_shards  # noqa: E402
 from fractalad.train import FitConfig, Trainer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,19 +48,10 @@ def main(argv=None):
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     args = ap.parse_args(argv)
 
-    shards = args.shards
-    tmp = None
-    gen_seconds = None
+    shards, tmp, gen_seconds = args.shards, None, None
     if shards is None:
-        from fractalsynth.anomaly import AnomalyConfig
-        from fractalsynth.generate import generate
-        tmp = tempfile.mkdtemp(prefix="bench_fit_")
-        shards = os.path.join(tmp, "shards")
         n = args.samples or args.batch_size * (args.steps + args.warmup + 8)
-        t = time.perf_counter()
-        generate(args.normals, shards, n, AnomalyConfig(size=args.size), shard_size=n,
-                 workers=os.cpu_count() or 1, log=lambda m: None)
-        gen_seconds = time.perf_counter() - t
+        shards, tmp, gen_seconds = temporary_shards(args.normals, n, args.size, "bench_fit_")
     cfg = FitConfig(backbone=args.backbone, pretrained=False, kd=args.kd, batch_size=args.batch_size,
                     device=args.device, workers=args.workers, compile=args.compile,
                     cuda_graph=args.cuda_graph,
@@ -105,11 +95,7 @@ def main(argv=None):
         "host_to_device_bytes_per_sample": round(packed_bytes / (args.steps * args.batch_size)),
         "generate_seconds": gen_seconds,
     }
-    if tmp:
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(json.dumps(result))
-    return result
+    return finish(result, tmp)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,8 @@ that cross to the device, tensors per batch, worker and rebuild microseconds per
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -23,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.bench_shards import finish, temporary_shards  # noqa: E402
 from fractalad.data import DeviceNormals, RecordBatches, _color  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -89,15 +88,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from fractalsynth.shards import ShardDataset
-    tmp = None
-    shards = args.shards
+    shards, tmp = args.shards, None
     if shards is None:
-        from fractalsynth.anomaly import AnomalyConfig
-        from fractalsynth.generate import generate
-        tmp = tempfile.mkdtemp(prefix="bench_loader_")
-        shards = os.path.join(tmp, "shards")
-        generate(args.normals, shards, args.samples, AnomalyConfig(size=args.size), seed=0,
-                 shard_size=args.samples, workers=os.cpu_count() or 1, log=lambda m: None)
+        shards, tmp, _ = temporary_shards(args.normals, args.samples, args.size, "bench_loader_")
     ds = ShardDataset(shards)
     dev = torch.device(args.device)
     normals = DeviceNormals(ds, dev)
@@ -133,11 +126,7 @@ def main(argv=None):
     result["bytes_ratio"] = round(result["baseline"]["bytes_per_sample"] / result["ours"]["bytes_per_sample"], 2)
     result["worker_speedup"] = round(result["baseline"]["worker_us_per_sample"] /
                                      result["ours"]["worker_us_per_sample"], 2)
-    if tmp:
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(json.dumps(result))
-    return result
+    return finish(result, tmp)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,9 @@ DEFAULT_DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data",
                                              "magnetic_tile"))
 
 
-def _range(text: str) -> tuple:
+def _range(text: str, cast=float) -> tuple:
     """'0.1-0.5' -> (0.1, 0.5)."""
-    return tuple(float(v) for v in text.split("-"))
+    return tuple(cast(v) for v in text.split("-"))
 
 
 def main(argv=None):
@@ -77,7 +77,7 @@ def main(argv=None):
                            cut_scale=_range(args.cut_scale), region=_range(args.region),
                            content=parse_content(args.content),
                            min_contrast=args.min_contrast, thin=args.thin,
-                           thin_width=tuple(int(v) for v in _range(args.thin_width))),
+                           thin_width=_range(args.thin_width, int)),
              seed=args.seed, shard_size=min(n, 10000), workers=os.cpu_count() or 1,
              log=lambda m: None)
     seconds["generate"] = time.perf_counter() - t
