@@ -49,8 +49,13 @@ def main(argv=None):
     ap.add_argument("--thin", type=float, default=0.0,
                     help="share of anomalies drawn as their shape's skeleton (lines)")
     ap.add_argument("--thin-width", default="1-3", help="width range of those lines, pixels")
+    ap.add_argument("--dilate", type=int, default=3, help="3x3 dilations of each mask label")
     ap.add_argument("--content", default="same", help="anomaly content mix, e.g. same=0.5,noise=0.5")
     ap.add_argument("--kd", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--head-width", type=int, default=None,
+                    help="head channels (default: the smallest stage width, as in the method)")
+    ap.add_argument("--pixel-resolution", default="model", choices=["model", "original"],
+                    help="score pixels at the model's size or each image's own")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
@@ -65,8 +70,9 @@ def main(argv=None):
     from fractalad.train import FitConfig, fit
 
     work = args.out or tempfile.mkdtemp(prefix="bench_mtd_")
-    cfg = FitConfig(backbone=args.backbone, weights=args.weights, kd=args.kd, epochs=args.epochs,
-                    steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+    cfg = FitConfig(backbone=args.backbone, weights=args.weights, kd=args.kd,
+                    head_width=args.head_width, epochs=args.epochs, steps=args.steps,
+                    batch_size=args.batch_size, seed=args.seed,
                     device=args.device, workers=args.workers)
     n = cfg.total_steps() * args.batch_size  # every training sample is a fresh one
     seconds = {}
@@ -77,7 +83,8 @@ def main(argv=None):
                            cut_scale=_range(args.cut_scale), region=_range(args.region),
                            content=parse_content(args.content),
                            min_contrast=args.min_contrast, thin=args.thin,
-                           thin_width=_range(args.thin_width, int)),
+                           thin_width=_range(args.thin_width, int),
+                           dilate_iterations=args.dilate),
              seed=args.seed, shard_size=min(n, 10000), workers=os.cpu_count() or 1,
              log=lambda m: None)
     seconds["generate"] = time.perf_counter() - t
@@ -85,16 +92,19 @@ def main(argv=None):
     summary = fit(shards, os.path.join(work, "run"), cfg, progress=False)
     seconds["fit"] = time.perf_counter() - t
     t = time.perf_counter()
-    report = test_run(os.path.join(work, "run"), args.data, device=args.device, n_overlays=4)
+    report = test_run(os.path.join(work, "run"), args.data, device=args.device, n_overlays=4,
+                      pixel_resolution=args.pixel_resolution)
     seconds["test"] = time.perf_counter() - t
     dev = report["device"]
     if dev.startswith("cuda"):
         dev = torch.cuda.get_device_name(0)
     result = {
         "data": os.path.basename(os.path.normpath(args.data)), "device": dev,
-        "backbone": args.backbone, "kd": args.kd, "mask_source": args.mask_source,
+        "backbone": args.backbone, "kd": args.kd, "head_width": args.head_width,
+        "mask_source": args.mask_source,
         "cut_scale": args.cut_scale, "region": args.region, "content": args.content,
         "min_contrast": args.min_contrast, "thin": args.thin, "thin_width": args.thin_width,
+        "dilate": args.dilate, "pixel_resolution": args.pixel_resolution,
         "seed": args.seed,
         "size": args.size, "steps": summary["steps"], "batch_size": args.batch_size,
         "train_samples_per_s": round(summary["samples_per_s"], 1),

@@ -37,6 +37,8 @@ def main():
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
               help="Record-reading processes.")
 @click.option("--kd/--no-kd", default=None, help="Distillation (default: on, or the preset's).")
+@click.option("--head-width", type=click.IntRange(min=1), default=None,
+              help="Head channels (default: the smallest stage width, as in the method).")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="MVTec category: textures train without distillation.")
 @click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the step.")
@@ -46,13 +48,13 @@ def main():
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @_fail_cleanly
 def fit(shards, out, backbone, weights, epochs, steps, batch_size, lr, weight_decay, seed, device,
-        workers, kd, preset, compile, cuda_graph, checkpoint_every, resume):
+        workers, kd, head_width, preset, compile, cuda_graph, checkpoint_every, resume):
     """Train FractalAD from a shard dataset into a run folder."""
     from .train import FitConfig, fit as run
     if kd is None:
         kd = PRESETS[preset]["kd"] if preset else True
-    cfg = FitConfig(backbone=backbone, weights=weights, kd=kd, epochs=epochs, steps=steps,
-                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+    cfg = FitConfig(backbone=backbone, weights=weights, kd=kd, head_width=head_width, epochs=epochs,
+                    steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
                     device=device, workers=workers, compile=compile, cuda_graph=cuda_graph,
                     checkpoint_every=checkpoint_every)
     summary = run(shards, out, cfg, resume=resume)
@@ -67,11 +69,13 @@ def fit(shards, out, backbone, weights, epochs, steps, batch_size, lr, weight_de
 @click.option("--device", default="auto", show_default=True)
 @click.option("--overlays", type=click.IntRange(min=0), default=8, show_default=True,
               help="Overlay PNGs of the N worst and best cases.")
+@click.option("--pixel-resolution", type=click.Choice(["model", "original"]), default="model",
+              show_default=True, help="Score pixels at the model's input size or each image's own.")
 @_fail_cleanly
-def test(run_dir, data, out, device, overlays):
+def test(run_dir, data, out, device, overlays, pixel_resolution):
     """Metrics (image_AUROC, pixel_AUROC, AUPRO, F1Max) per defect type, and overlays."""
     from .evaluate import format_table, test_run
-    report = test_run(run_dir, data, out, device, overlays)
+    report = test_run(run_dir, data, out, device, overlays, pixel_resolution=pixel_resolution)
     click.echo(format_table(report["metrics"]))
     click.echo(f"{report['n_images']} images, {report['images_per_s']:.1f} images/s on "
                f"{report['device']}")

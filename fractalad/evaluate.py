@@ -43,7 +43,7 @@ def load_run(run_dir: str, device: str | torch.device = "auto"):
                        f"this fractalad's ({RUN_SCHEMA} v{RUN_VERSION}); re-train with this version")
     fit = meta["fit"]
     device = pick_device(device) if isinstance(device, str) else device
-    model = FractalAD(fit["backbone"], fit["kd"], pretrained=False)
+    model = FractalAD(fit["backbone"], fit["kd"], pretrained=False, head_width=fit.get("head_width"))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), meta
 
@@ -157,32 +157,51 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _ground_truth(mask_path, shape) -> np.ndarray:
+    """The binary mask of one test image at ``shape`` (zeros without a mask file)."""
+    if mask_path is None:
+        return np.zeros(shape, np.uint8)
+    m = cv2.imread(mask_path, cv2.IMREAD_GRAYSCALE)
+    if m is None:
+        raise ImageError(f"{mask_path}: unreadable mask; replace it")
+    m = (m > 127).astype(np.uint8)
+    if m.shape != tuple(shape):
+        m = cv2.resize(m, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+    return m
+
+
 def test_run(run_dir: str, data: str, out: str | None = None, device: str = "auto",
-             n_overlays: int = 8, batch_size: int = 32) -> dict:
-    """Score the test set: metrics.json, a table, thresholds, overlays of worst / best cases."""
+             n_overlays: int = 8, batch_size: int = 32, pixel_resolution: str = "model") -> dict:
+    """Score the test set: metrics.json, a table, thresholds, overlays of worst / best cases.
+
+    ``pixel_resolution``: 'model' scores pixels at the model's input size; 'original' upsamples
+    each map to its image's own size (MVTec's convention; slower on large images).
+    """
+    if pixel_resolution not in ("model", "original"):
+        raise ValueError(f"pixel_resolution must be 'model' or 'original', got {pixel_resolution!r}")
     model, meta = load_run(run_dir, device)
     ts = read_test_set(data)
     out = out or os.path.join(run_dir, "test")
     os.makedirs(out, exist_ok=True)
     size, ch = meta["size"], meta["channels"]
     t0 = time.perf_counter()
-    images = preprocess(ts.paths, size, ch)
+    sizes = []
+    images = preprocess(ts.paths, size, ch, sizes)
     maps, ips = anomaly_maps(model, images, batch_size)
     smax, smean = maps.reshape(len(maps), -1).max(1), maps.reshape(len(maps), -1).mean(1)
-    gts = np.zeros(maps.shape, np.uint8)
+    if pixel_resolution == "model":
+        px_maps, gts = list(maps), [_ground_truth(mp, (size, size)) for mp in ts.mask_paths]
+    else:
+        px_maps = [cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) for m, (h, w) in zip(maps, sizes)]
+        gts = [_ground_truth(mp, hw) for mp, hw in zip(ts.mask_paths, sizes)]
     has_px = np.array([m is not None or lab == 0 for m, lab in zip(ts.mask_paths, ts.labels)])
-    for i, mp in enumerate(ts.mask_paths):
-        if mp is not None:
-            m = cv2.imread(mp, cv2.IMREAD_GRAYSCALE)
-            if m is None:
-                raise ImageError(f"{mp}: unreadable mask; replace it")
-            gts[i] = cv2.resize((m > 127).astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
     types = np.array(ts.types)
     results = {}
     for t in sorted(set(ts.types) - {"good"}) + ["all"]:
         sel = (types == t) | (types == "good") if t != "all" else np.ones(len(types), bool)
-        px = sel & has_px
-        pixel = (maps[px], gts[px]) if (px & (ts.labels == 1)).any() else (None, None)
+        px = np.flatnonzero(sel & has_px)
+        pixel = ([px_maps[i] for i in px], [gts[i] for i in px]) \
+            if (ts.labels[px] == 1).any() else (None, None)
         results[t] = detection_metrics(smax[sel], smean[sel], ts.labels[sel], *pixel)
     thresholds = {"image": results["all"]["image_threshold"]}
     if "pixel_threshold" in results["all"]:
@@ -190,7 +209,8 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
     report = {"metrics": results, "thresholds": thresholds, "images_per_s": ips,
               "device": str(next(model.parameters()).device), "n_images": len(ts.paths),
               "seconds": time.perf_counter() - t0, "data": os.path.abspath(data),
-              "image_score": "max of the map (image_*_mean: mean of the map)"}
+              "image_score": "max of the map (image_*_mean: mean of the map)",
+              "pixel_resolution": pixel_resolution}
     with open(os.path.join(out, "metrics.json"), "w") as fh:
         json.dump(report, fh, indent=1)
     with open(os.path.join(run_dir, "thresholds.json"), "w") as fh:
@@ -205,7 +225,8 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
         for rank, i in enumerate(idx):
             title = f"{kind} #{rank}: {ts.types[i]}/{os.path.basename(ts.paths[i])} score {smax[i]:.3f}"
             _write_rgb(os.path.join(out, f"{kind}_{rank:02d}.png"),
-                       overlay(imgs_hwc[i], maps[i], gts[i] if ts.mask_paths[i] else None, title))
+                       overlay(imgs_hwc[i], maps[i], _ground_truth(ts.mask_paths[i], (size, size))
+                               if ts.mask_paths[i] else None, title))
     return report
 
 

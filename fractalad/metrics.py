@@ -74,32 +74,44 @@ def f1_max(scores, labels):
     return RankedScores(scores, labels).f1_max()
 
 
+def _flat(arrays, dtype=None) -> np.ndarray:
+    """One flat array from an array [N, ...] or a list of arrays of any shapes."""
+    if isinstance(arrays, np.ndarray):
+        return arrays.ravel() if dtype is None else arrays.astype(dtype, copy=False).ravel()
+    return np.concatenate([np.asarray(a, dtype=dtype).ravel() for a in arrays])
+
+
 def region_weights(masks):
-    """(1 / region size on each ground-truth region's pixels, number of regions)."""
-    masks = np.asarray(masks).astype(bool)
-    weights = np.zeros(masks.shape, dtype=np.float64)
-    n_regions = 0
-    for i in range(len(masks)):
-        lab, n = label(masks[i], connectivity=2, return_num=True)
-        if n == 0:
-            continue
+    """(1 / region size on each ground-truth region's pixels, flat; number of regions).
+
+    ``masks``: an array [N, H, W] or a list of 2-D masks of any sizes (original resolutions).
+    """
+    parts, n_regions = [], 0
+    for m in masks:
+        lab, n = label(np.asarray(m).astype(bool), connectivity=2, return_num=True)
         w = np.zeros(n + 1)
-        w[1:] = 1.0 / np.bincount(lab.ravel())[1:]
-        weights[i] = w[lab]
+        if n:
+            w[1:] = 1.0 / np.bincount(lab.ravel())[1:]
+        parts.append(w[lab].ravel())
         n_regions += n
-    return weights, n_regions
+    return (np.concatenate(parts) if parts else np.zeros(0)), n_regions
 
 
 def aupro(maps, masks, fpr_limit: float = 0.3) -> float:
     """Normalised area under PRO(FPR) for FPR in [0, fpr_limit]; nan without any region."""
-    weights, n_regions = region_weights(masks)
-    return RankedScores(maps, np.asarray(masks).astype(bool), weights).aupro(n_regions, fpr_limit)
+    return pixel_metrics(maps, masks, fpr_limit)["AUPRO"]
 
 
 def pixel_metrics(maps, masks, fpr_limit: float = 0.3) -> dict:
-    """pixel_AUROC, pixel_F1Max (and its threshold) and AUPRO from one sort."""
+    """pixel_AUROC, pixel_F1Max (and its threshold) and AUPRO from one sort.
+
+    ``maps`` and ``masks``: arrays [N, H, W], or lists of 2-D arrays (pairwise the same shape).
+    """
+    scores, truth = _flat(maps, np.float32), _flat(masks, bool)
+    if scores.size != truth.size:
+        raise ValueError(f"maps and masks differ in size ({scores.size} vs {truth.size} pixels)")
     weights, n_regions = region_weights(masks)
-    r = RankedScores(maps, np.asarray(masks).astype(bool), weights)
+    r = RankedScores(scores, truth, weights)
     f1, thr = r.f1_max()
     return {"pixel_AUROC": r.auroc(), "pixel_F1Max": f1, "AUPRO": r.aupro(n_regions, fpr_limit),
             "pixel_threshold": thr}

@@ -96,9 +96,9 @@ class FlowAlign(nn.Module):
 class SemanticFlowHead(nn.Module):
     """Semantic-flow FPN: 1x1 laterals, flow-aligned top-down path, fuse at stride 4, 1 logit."""
 
-    def __init__(self, in_channels):
+    def __init__(self, in_channels, width: int | None = None):
         super().__init__()
-        c = min(in_channels)
+        c = width or min(in_channels)  # the method: the smallest stage width
         self.lateral = nn.ModuleList(nn.Conv2d(ci, c, 1) for ci in in_channels)
         self.align = nn.ModuleList(FlowAlign(c) for _ in in_channels[:-1])
         self.smooth = nn.ModuleList(_conv_bn_relu(c, c) for _ in in_channels)
@@ -123,14 +123,14 @@ class FractalAD(nn.Module):
     """The detector. ``forward(images)`` gives anomaly-map logits; ``training_losses`` trains it."""
 
     def __init__(self, backbone: str = "efficientnet_lite0", kd: bool = True,
-                 weights: str | None = None, pretrained: bool = True):
+                 weights: str | None = None, pretrained: bool = True, head_width: int | None = None):
         super().__init__()
         self.backbone_name = backbone
         self.kd = kd
         self.teacher = load_pretrained(backbone, weights) if pretrained else build_backbone(backbone)
         self.teacher.requires_grad_(False)
         self.student = build_backbone(backbone) if kd else None
-        self.head = SemanticFlowHead(self.teacher.channels)
+        self.head = SemanticFlowHead(self.teacher.channels, head_width)
 
     def train(self, mode: bool = True):
         super().train(mode)

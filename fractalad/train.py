@@ -35,6 +35,7 @@ class FitConfig:
     weights: str | None = None
     pretrained: bool = True  # False: random teacher (timing only)
     kd: bool = True
+    head_width: int | None = None  # None: the smallest stage width, as in the method
     epochs: float = 100.0
     steps: int | None = None  # overrides epochs
     batch_size: int = 32
@@ -97,7 +98,8 @@ class Trainer:
         self.shards.check_files()
         self.batches = RecordBatches(self.shards, cfg.batch_size)
         self.normals = DeviceNormals(self.shards, self.device)
-        self.model = FractalAD(cfg.backbone, cfg.kd, cfg.weights, cfg.pretrained).to(self.device)
+        self.model = FractalAD(cfg.backbone, cfg.kd, cfg.weights, cfg.pretrained,
+                               cfg.head_width).to(self.device)
         self.model.train()
         cuda = self.device.type == "cuda"
         if cuda:

@@ -102,6 +102,8 @@ class AnomalyConfig:
             raise ValueError(f"thin_width must be a range 1 <= lo <= hi, got {self.thin_width}")
         if self.min_contrast < 0:
             raise ValueError(f"min_contrast must be >= 0, got {self.min_contrast}")
+        if int(self.dilate_iterations) < 0:
+            raise ValueError(f"dilate_iterations must be >= 0, got {self.dilate_iterations}")
         if not 0 <= self.noise_prob <= 1:
             raise ValueError(f"noise_prob must be in [0, 1], got {self.noise_prob}")
 

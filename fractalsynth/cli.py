@@ -112,6 +112,8 @@ def synth_options(fn):
                      help="Share of anomalies drawn as their shape's skeleton: lines like cracks."),
         click.option("--thin-width", default="1-3", show_default=True,
                      help="Width range of those lines, pixels."),
+        click.option("--dilate", type=click.IntRange(min=0), default=3, show_default=True,
+                     help="3x3 dilations of each mask label at the output size (the method's 3)."),
         click.option("--resolution", type=click.Choice(["output", "source"]), default="output",
                      show_default=True, help="Synthesise at the output size (fast) or the source's."),
         click.option("--channels", type=click.Choice(["auto", "grey", "rgb"]), default="auto",
@@ -125,7 +127,8 @@ def synth_options(fn):
 
 
 def _synth_config(size, placement, preset, content, mask_source, blend, opacity, cut_scale,
-                  region, min_contrast, thin, thin_width, resolution, channels, **kw) -> AnomalyConfig:
+                  region, min_contrast, thin, thin_width, dilate, resolution, channels,
+                  **kw) -> AnomalyConfig:
     if placement is None:
         placement = preset_placement(preset) if preset else "uniform"
     return AnomalyConfig(size=size, placement=placement, content=parse_content(content),
@@ -134,6 +137,7 @@ def _synth_config(size, placement, preset, content, mask_source, blend, opacity,
                          cut_scale=_range(cut_scale, "--cut-scale"),
                          region=_range(region, "--region"), min_contrast=min_contrast,
                          thin=thin, thin_width=_range(thin_width, "--thin-width", int),
+                         dilate_iterations=dilate,
                          resolution=resolution,
                          channels=channels, ifs=_ifs_config(**kw))
 

@@ -202,3 +202,14 @@ def test_thin_anomalies_are_lines():
     for bad in (dict(thin=1.5), dict(thin_width=(0, 2)), dict(thin_width=(3, 2))):
         with pytest.raises(ValueError, match="thin"):
             AnomalyConfig(**bad)
+
+
+def test_label_dilation_grows_only_the_mask():
+    k = np.ones((3, 3), np.uint8)
+    for i in range(20):
+        n0, a0, m0 = FractalAnomaly(size=64, seed=5, noise_prob=0.0, dilate_iterations=0)(_image(), i)
+        n2, a2, m2 = FractalAnomaly(size=64, seed=5, noise_prob=0.0, dilate_iterations=2)(_image(), i)
+        assert np.array_equal(n0, n2) and np.array_equal(a0, a2)
+        assert np.array_equal(m2, cv2.dilate(m0, k, iterations=2))
+    with pytest.raises(ValueError, match="dilate"):
+        AnomalyConfig(dilate_iterations=-1)

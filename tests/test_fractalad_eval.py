@@ -30,14 +30,16 @@ def _brute_f1(s, y):
 
 
 def _brute_aupro(maps, masks, limit=0.3):
+    """maps, masks: lists (or arrays) of 2-D images, pairwise the same shape."""
     fprs, pros = [0.0], [0.0]
-    for t in np.unique(maps)[::-1]:
-        pred = maps >= t
-        fprs.append((pred & ~masks).sum() / (~masks).sum())
+    n_normal = sum((~m).sum() for m in masks)
+    for t in np.unique(np.concatenate([m.ravel() for m in maps]))[::-1]:
+        preds = [m >= t for m in maps]
+        fprs.append(sum((p & ~m).sum() for p, m in zip(preds, masks)) / n_normal)
         ov = []
-        for i in range(len(masks)):
-            lab, n = label(masks[i], connectivity=2, return_num=True)
-            ov += [pred[i][lab == r].mean() for r in range(1, n + 1)]
+        for pred, m in zip(preds, masks):
+            lab, n = label(m, connectivity=2, return_num=True)
+            ov += [pred[lab == r].mean() for r in range(1, n + 1)]
         pros.append(np.mean(ov))
     fprs, pros = np.array(fprs), np.array(pros)
     x = np.linspace(0, limit, 2001)
@@ -59,6 +61,17 @@ def test_metrics_match_brute_force(seed):
     assert aupro(maps, masks) == pytest.approx(_brute_aupro(maps, masks), abs=2e-3)
     px = pixel_metrics(maps, masks)
     assert px["pixel_AUROC"] == pytest.approx(_brute_auroc(maps.ravel(), masks.ravel()), abs=1e-12)
+    # images of different sizes (pixel metrics at the original resolutions)
+    crops = [np.s_[:, :], np.s_[:9, 2:], np.s_[:5, :7]]
+    maps_l, masks_l = [maps[i][c] for i, c in enumerate(crops)], [masks[i][c] for i, c in enumerate(crops)]
+    flat_maps = np.concatenate([m.ravel() for m in maps_l])
+    flat_masks = np.concatenate([m.ravel() for m in masks_l])
+    px = pixel_metrics(maps_l, masks_l)
+    assert px["AUPRO"] == pytest.approx(_brute_aupro(maps_l, masks_l), abs=2e-3)
+    assert px["pixel_AUROC"] == pytest.approx(_brute_auroc(flat_maps, flat_masks), abs=1e-12)
+    assert px["pixel_F1Max"] == pytest.approx(_brute_f1(flat_maps, flat_masks), abs=1e-12)
+    with pytest.raises(ValueError, match="differ in size"):
+        pixel_metrics(maps_l, [masks[0], masks[1], masks[2]])
     assert auroc([1, 2], [1, 1]) != auroc([1, 2], [1, 1])  # nan with one class
 
 
@@ -124,6 +137,25 @@ def test_test_predict_export_end_to_end(tiny_run, tmp_path):
     import onnxruntime as ort
     sess = ort.InferenceSession(onnx_path)
     np.testing.assert_allclose(sess.run(None, {"images": x.numpy()})[0], ref, atol=1e-4)
+
+
+def test_pixel_metrics_at_the_original_resolution(tiny_run, tmp_path):
+    from fractalad.evaluate import anomaly_maps, load_run, preprocess, read_test_set, test_run
+    run, data = str(tiny_run / "run"), str(tiny_run / "data")
+    report = test_run(run, data, str(tmp_path / "t"), "cpu", 0, pixel_resolution="original")
+    model, meta = load_run(run, "cpu")
+    ts = read_test_set(data)
+    maps, _ = anomaly_maps(model, preprocess(ts.paths, meta["size"], meta["channels"]))
+    assert maps.shape[1:] == (32, 32)  # the model's size; the images are 48 x 48
+    up = [cv2.resize(m, (48, 48), interpolation=cv2.INTER_LINEAR) for m in maps]
+    gts = [np.zeros((48, 48), bool) if p is None else cv2.imread(p, 0) > 127 for p in ts.mask_paths]
+    want = pixel_metrics(up, gts)
+    got = report["metrics"]["all"]
+    assert report["pixel_resolution"] == "original"
+    for k in ("pixel_AUROC", "pixel_F1Max", "AUPRO"):
+        assert got[k] == pytest.approx(want[k], abs=1e-9)
+    with pytest.raises(ValueError, match="pixel_resolution"):
+        test_run(run, data, str(tmp_path / "t"), "cpu", 0, pixel_resolution="native")
 
 
 def test_bad_inputs_to_test_and_predict(tiny_run, tmp_path):

@@ -130,6 +130,16 @@ def test_fit_writes_a_run_and_refuses_to_clobber(tiny_shards, tmp_path):
             progress=False)
 
 
+def test_head_width_is_kept_by_the_run(tiny_shards, tmp_path):
+    from fractalad.evaluate import load_run
+    run = str(tmp_path / "run")
+    fit(tiny_shards, run, _cfg(steps=2, head_width=12, kd=False), progress=False)
+    model, meta = load_run(run, "cpu")
+    assert model.head.out.in_channels == 12 and meta["fit"]["head_width"] == 12
+    x = torch.rand(2, 1, 64, 64)
+    assert model(x).shape == (2, 1, 64, 64)
+
+
 def test_fit_fails_clearly_on_bad_shards(tmp_path, tiny_shards):
     import shutil
     with pytest.raises(ValueError, match="no such dataset"):

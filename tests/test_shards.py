@@ -143,10 +143,11 @@ def test_cli_info_preview_export(normals_dir, tmp_path):
     out = str(tmp_path / "ds")
     r = CliRunner()
     res = r.invoke(main, ["generate", "--normals", normals_dir, "--n", "20", "--size", "32",
-                          "--out", out, "--workers", "1"])
+                          "--out", out, "--workers", "1", "--dilate", "1"])
     assert res.exit_code == 0, res.output
     res = r.invoke(main, ["info", out])
     assert res.exit_code == 0 and '"samples": 20' in res.output
+    assert '"dilate_iterations": 1' in res.output
     res = r.invoke(main, ["preview", out, "--n", "4", "--out", str(tmp_path / "p.png")])
     assert res.exit_code == 0 and os.path.getsize(tmp_path / "p.png") > 0
     res = r.invoke(main, ["preview", "--normals", normals_dir, "--n", "3", "--size", "32",
