@@ -251,7 +251,8 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
         if not os.path.isfile(ckpt):
             raise FileNotFoundError(f"{ckpt}: nothing to resume; drop --resume to start afresh")
         state = torch.load(ckpt, map_location=device, weights_only=False)
-        if state["config"] != asdict(cfg):
+        # a setting an older checkpoint lacks had its default then
+        if {**asdict(FitConfig()), **state["config"]} != asdict(cfg):
             raise ValueError(f"{ckpt} was made with other settings; resume with the same options")
         with open(os.path.join(out_dir, "config.json")) as fh:
             if json.load(fh).get("shards_params_hash") != meta["shards_params_hash"]:

@@ -119,6 +119,12 @@ def test_fit_writes_a_run_and_refuses_to_clobber(tiny_shards, tmp_path):
         fit(tiny_shards, run, _cfg(steps=5), resume=True, progress=False)
     assert fit(tiny_shards, run, _cfg(steps=3, checkpoint_every=2), resume=True,
                progress=False)["steps"] == 3
+    ckpt = os.path.join(run, "checkpoint.pt")  # from a version before a setting existed
+    state = torch.load(ckpt, weights_only=False)
+    del state["config"]["head_width"]
+    torch.save(state, ckpt)
+    assert fit(tiny_shards, run, _cfg(steps=3, checkpoint_every=2), resume=True,
+               progress=False)["steps"] == 3
     other = str(tmp_path / "other")
     import cv2
     os.makedirs(os.path.join(other, "n"))
