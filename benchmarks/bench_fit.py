@@ -8,6 +8,7 @@ from --normals first. Prints one final JSON line.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -16,7 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from benchmarks.bench_shards import finish, temporary_shards  # noqa: E402
+from benchmarks.bench_shards import remove_temporary, temporary_shards  # noqa: E402
 from fractalad.train import FitConfig, Trainer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -95,7 +96,9 @@ def main(argv=None):
         "host_to_device_bytes_per_sample": round(packed_bytes / (args.steps * args.batch_size)),
         "generate_seconds": gen_seconds,
     }
-    return finish(result, tmp)
+    remove_temporary(tmp)
+    print(json.dumps(result))  # the benchmark's one final JSON line
+    return result
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ that cross to the device, tensors per batch, worker and rebuild microseconds per
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -21,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.bench_shards import finish, temporary_shards  # noqa: E402
+from benchmarks.bench_shards import remove_temporary, temporary_shards  # noqa: E402
 from fractalad.data import DeviceNormals, RecordBatches, _color  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -126,7 +127,9 @@ def main(argv=None):
     result["bytes_ratio"] = round(result["baseline"]["bytes_per_sample"] / result["ours"]["bytes_per_sample"], 2)
     result["worker_speedup"] = round(result["baseline"]["worker_us_per_sample"] /
                                      result["ours"]["worker_us_per_sample"], 2)
-    return finish(result, tmp)
+    remove_temporary(tmp)
+    print(json.dumps(result))  # the benchmark's one final JSON line
+    return result
 
 
 if __name__ == "__main__":

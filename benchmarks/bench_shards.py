@@ -1,7 +1,6 @@
-"""Shared by the throughput benchmarks: a throw-away shard set and the one-JSON-line ending."""
+"""Shared by the throughput benchmarks: a throw-away shard set."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -20,9 +19,7 @@ def temporary_shards(normals: str, n: int, size: int, prefix: str):
     return shards, folder, time.perf_counter() - t
 
 
-def finish(result: dict, folder: str | None) -> dict:
-    """Remove the temp folder (if any) and print the result as the final JSON line."""
+def remove_temporary(folder: str | None) -> None:
+    """Remove the temp folder ``temporary_shards`` made (if any)."""
     if folder:
         shutil.rmtree(folder, ignore_errors=True)
-    print(json.dumps(result))
-    return result
