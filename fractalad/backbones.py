@@ -55,9 +55,12 @@ class Conv2dSame(nn.Conv2d):
         sh, sw = self.stride
         ph = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
         pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
-        if ph or pw:
+        if ph % 2 or pw % 2:  # asymmetric: one more row/column at the bottom/right
             x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+            ph = pw = 0
+        # symmetric padding inside the convolution saves a padded copy of the activation
+        return F.conv2d(x, self.weight, self.bias, self.stride, (ph // 2, pw // 2), self.dilation,
+                        self.groups)
 
 
 def _bn(c):

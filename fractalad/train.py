@@ -93,6 +93,9 @@ class Trainer:
         from fractalsynth.shards import ShardDataset
         self.cfg = cfg
         self.device = device or pick_device(cfg.device)
+        self.rank, self.world = _dist_info()
+        if cfg.cuda_graph:  # before any loading: a wrong option should fail at once
+            _check_cuda_graph(cfg, self.device, self.world)
         torch.manual_seed(cfg.seed)
         self.shards = ShardDataset(shards_dir)
         self.shards.check_files()
@@ -106,9 +109,6 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         if cuda and cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.rank, self.world = _dist_info()
-        if cfg.cuda_graph:
-            _check_cuda_graph(cfg, self.device, self.world)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      fused=cuda or None, capturable=cfg.cuda_graph)

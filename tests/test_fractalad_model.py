@@ -21,6 +21,22 @@ def test_lite0_imagenet_weights_classify_skimage_photos():
     assert {967, 968, 504} & set(coffee)  # espresso, cup, coffee mug
 
 
+@pytest.mark.parametrize("kernel,stride,height,width", [
+    (3, 1, 17, 20), (5, 1, 16, 19), (3, 2, 16, 16), (5, 2, 17, 10), (3, 2, 15, 9), (1, 1, 8, 11)])
+def test_same_padding_equals_tensorflow_padding(kernel, stride, height, width):
+    import math
+    import torch.nn.functional as F
+    from fractalad.backbones import Conv2dSame
+    torch.manual_seed(0)
+    conv, x = Conv2dSame(4, 6, kernel, stride=stride), torch.randn(2, 4, height, width)
+    # TF "same": total padding so that out = ceil(in / stride), the odd pixel at the bottom/right
+    ph = max((math.ceil(height / stride) - 1) * stride + kernel - height, 0)
+    pw = max((math.ceil(width / stride) - 1) * stride + kernel - width, 0)
+    want = F.conv2d(F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2]), conv.weight,
+                    conv.bias, stride)
+    torch.testing.assert_close(conv(x), want)
+
+
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18", "resnet50"])
 def test_backbone_stage_strides(name):
     net = build_backbone(name).eval()
