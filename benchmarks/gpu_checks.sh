@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one run (device tool), most important first: the CUDA-graph tests, the
-# distillation step's speed (split vs joint student pass; Lite0 under three settings, ResNet-18),
-# then the Magnetic Tile pipeline with the small-defects options (earlier: docs/results/h100_*.json).
+# Lite0 distillation step's speed under four settings, then the Magnetic Tile pipeline with the
+# small-defects options (earlier results: docs/results/h100_*.json).
 # Needs .gpu/lite0.pth and .gpu/magnetic_tile (carried, git-ignored).
 # Results: one JSON line per check on stdout and in $OUT/*.json. BUDGET (s, default 540) caps
 # the whole script: a check starts only with >= 60 s left and gets at most LIMIT (s) or what
@@ -23,20 +23,17 @@ run() {
   tail -n 3 "/tmp/$name.err"
 }
 run tests_cuda python3 -m pytest -q -p no:cacheprovider tests/test_fractalad_train.py -k "cuda_graph or rebuild" --tb=short
-# the student's anomalous pass without a graph (session 6) vs the earlier joint pass, same run
-run step_lite0 python3 benchmarks/bench_step.py --backbone efficientnet_lite0 --size "$SIZE" --batch-size 32 --device "$DEV"
 fit=(python3 benchmarks/bench_fit.py --batch-size 32 --size "$SIZE" --device "$DEV" --steps "$FIT_STEPS" --workers "$W" --normals .gpu/magnetic_tile/train/good)
-# session 5 (before the split student pass): ResNet-18 + graph 1,905 samples/s (ratio 0.98),
-# Lite0 + distillation + graph 1,216; the issue asks >= 1,760 for both
+# measured in session 5: ResNet-18 + graph 1,905 samples/s (ratio 0.98), Lite0 + distillation + graph
+# 1,216; these ask which setting speeds up the Lite0 distillation step
 lite=("${fit[@]}" --backbone efficientnet_lite0)
 run fit_lite0_graph "${lite[@]}" --cuda-graph
-run fit_resnet18_graph "${fit[@]}" --backbone resnet18 --cuda-graph
 run fit_lite0_graph_fp32 "${lite[@]}" --cuda-graph --fp32
+run fit_lite0_graph_nchw "${lite[@]}" --cuda-graph --no-channels-last
 run fit_lite0_compile "${lite[@]}" --compile
 mtd=(python3 benchmarks/bench_mtd.py --data .gpu/magnetic_tile --weights .gpu/lite0.pth --device "$DEV" --workers "$W" --size "$SIZE" "${extra[@]}")
-# the small-defects options, distillation, paper schedule, seed 0: session 5 measured these with
-# the joint student pass (fractal 0.844 / 0.952 / 0.783, rectangle 0.884 / 0.973 / 0.880)
+# the small-defects options, distillation, paper schedule: seed 1 of the session-5 seed-0 pair
 small=(--region 0-1 --content same=0.5,noise=0.25,fractal=0.25 --cut-scale 0.03-0.5)
-run mtd_small_fractal_kd "${mtd[@]}" "${small[@]}"
-run mtd_small_rectangle_kd "${mtd[@]}" "${small[@]}" --mask-source rectangle
+run mtd_small_fractal_kd_s1 "${mtd[@]}" "${small[@]}" --seed 1
+run mtd_small_rectangle_kd_s1 "${mtd[@]}" "${small[@]}" --mask-source rectangle --seed 1
 echo "== done in $SECONDS s"

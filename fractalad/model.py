@@ -164,15 +164,15 @@ class FractalAD(nn.Module):
         """(total, distillation, segmentation) losses of one batch."""
         b = normal.shape[0]
         if self.kd:
+            # one pass each for teacher and student; the student's batch-norm statistics span
+            # both halves. Separate student passes (the anomalous one without autograd) train
+            # 1.4x faster on the CPU but scored lower image_AUROC over two seeds (README).
+            both = torch.cat([normal, anomalous], dim=0)
             with torch.no_grad():
-                t = self.teacher(torch.cat([normal, anomalous], dim=0))  # one pass for both
-            # the student sees each half as its own batch (its batch-norm statistics too);
-            # CSAM detaches the anomalous features, so that pass keeps no graph and the
-            # backward runs over the normal half only
-            kd = distillation_loss([f[:b] for f in t], self.student(normal))
-            with torch.no_grad():
-                s_anomalous = self.student(anomalous)
-            feats = self.head_features([f[b:] for f in t], s_anomalous)
+                t = self.teacher(both)
+            s = self.student(both)
+            kd = distillation_loss([f[:b] for f in t], [f[:b] for f in s])
+            feats = self.head_features([f[b:] for f in t], [f[b:] for f in s])
         else:
             with torch.no_grad():
                 feats = self.teacher(anomalous)

@@ -76,21 +76,6 @@ def test_no_gradient_reaches_student_through_attention():
     assert not cosine_attention(t, s).requires_grad
 
 
-def test_student_learns_from_the_normal_images_only():
-    # the attention path is detached, so the anomalous images must not steer the student at all,
-    # not even through its batch-norm statistics
-    torch.manual_seed(0)
-    model = FractalAD("resnet18", kd=True, pretrained=False).train()
-    normal, mask = torch.rand(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.8).float()
-    grads = []
-    for anomalous in (torch.rand(2, 3, 64, 64), torch.zeros(2, 3, 64, 64)):
-        model.zero_grad()
-        model.training_losses(normal, anomalous, mask)[0].backward()
-        grads.append([p.grad.clone() for p in model.student.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
-    assert any(g.abs().sum() > 0 for g in grads[0])
-
-
 def test_losses_behave():
     t = [torch.rand(2, 4, 8, 8)]
     assert distillation_loss(t, t).abs() < 1e-5
