@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.bench_shards import remove_temporary, temporary_shards  # noqa: E402
+from benchmarks.temporary_shards import remove_temporary, temporary_shards  # noqa: E402
 from fractalad.data import DeviceNormals, RecordBatches, _color  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -1,4 +1,4 @@
-"""Shared by the throughput benchmarks: a throw-away shard set."""
+"""Not a benchmark: the throw-away shard set that bench_fit.py and bench_loader.py time against."""
 from __future__ import annotations
 
 import os
