@@ -31,6 +31,10 @@ def _range(text: str, cast=float) -> tuple:
     return tuple(cast(v) for v in text.split("-"))
 
 
+def _rounded(metrics: dict) -> dict:
+    return {t: {k: round(v, 4) for k, v in m.items()} for t, m in metrics.items()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=DEFAULT_DATA)
@@ -54,8 +58,12 @@ def main(argv=None):
     ap.add_argument("--kd", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--head-width", type=int, default=None,
                     help="head channels (default: the smallest stage width, as in the method)")
+    ap.add_argument("--clean-share", type=float, default=0.0,
+                    help="share of training samples shown without their anomaly")
     ap.add_argument("--pixel-resolution", default="model", choices=["model", "original"],
                     help="score pixels at the model's size or each image's own")
+    ap.add_argument("--tta", action="store_true",
+                    help="also test with flip-averaged maps (metrics_tta)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
@@ -71,7 +79,7 @@ def main(argv=None):
 
     work = args.out or tempfile.mkdtemp(prefix="bench_mtd_")
     cfg = FitConfig(backbone=args.backbone, weights=args.weights, kd=args.kd,
-                    head_width=args.head_width, epochs=args.epochs, steps=args.steps,
+                    head_width=args.head_width, clean_share=args.clean_share, epochs=args.epochs, steps=args.steps,
                     batch_size=args.batch_size, seed=args.seed,
                     device=args.device, workers=args.workers)
     n = cfg.total_steps() * args.batch_size  # every training sample is a fresh one
@@ -95,12 +103,19 @@ def main(argv=None):
     report = test_run(os.path.join(work, "run"), args.data, device=args.device, n_overlays=4,
                       pixel_resolution=args.pixel_resolution)
     seconds["test"] = time.perf_counter() - t
+    if args.tta:
+        t = time.perf_counter()
+        report_tta = test_run(os.path.join(work, "run"), args.data, os.path.join(work, "test_tta"),
+                              device=args.device, n_overlays=4, pixel_resolution=args.pixel_resolution,
+                              tta=True)
+        seconds["test_tta"] = time.perf_counter() - t
     dev = report["device"]
     if dev.startswith("cuda"):
         dev = torch.cuda.get_device_name(0)
     result = {
         "data": os.path.basename(os.path.normpath(args.data)), "device": dev,
         "backbone": args.backbone, "kd": args.kd, "head_width": args.head_width,
+        "clean_share": args.clean_share,
         "mask_source": args.mask_source,
         "cut_scale": args.cut_scale, "region": args.region, "content": args.content,
         "min_contrast": args.min_contrast, "thin": args.thin, "thin_width": args.thin_width,
@@ -110,8 +125,10 @@ def main(argv=None):
         "train_samples_per_s": round(summary["samples_per_s"], 1),
         "test_images_per_s": round(report["images_per_s"], 1),
         "stage_seconds": {k: round(v, 1) for k, v in seconds.items()},
-        "metrics": {t: {k: round(v, 4) for k, v in m.items()} for t, m in report["metrics"].items()},
+        "metrics": _rounded(report["metrics"]),
     }
+    if args.tta:
+        result["metrics_tta"] = _rounded(report_tta["metrics"])
     if args.out is None:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))

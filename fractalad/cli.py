@@ -39,6 +39,8 @@ def main():
 @click.option("--kd/--no-kd", default=None, help="Distillation (default: on, or the preset's).")
 @click.option("--head-width", type=click.IntRange(min=1), default=None,
               help="Head channels (default: the smallest stage width, as in the method).")
+@click.option("--clean-share", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Share of samples shown without their anomaly (normal image, empty mask).")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="MVTec category: textures train without distillation.")
 @click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the step.")
@@ -48,15 +50,15 @@ def main():
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @_fail_cleanly
 def fit(shards, out, backbone, weights, epochs, steps, batch_size, lr, weight_decay, seed, device,
-        workers, kd, head_width, preset, compile, cuda_graph, checkpoint_every, resume):
+        workers, kd, head_width, clean_share, preset, compile, cuda_graph, checkpoint_every, resume):
     """Train FractalAD from a shard dataset into a run folder."""
     from .train import FitConfig, fit as run
     if kd is None:
         kd = PRESETS[preset]["kd"] if preset else True
-    cfg = FitConfig(backbone=backbone, weights=weights, kd=kd, head_width=head_width, epochs=epochs,
-                    steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
-                    device=device, workers=workers, compile=compile, cuda_graph=cuda_graph,
-                    checkpoint_every=checkpoint_every)
+    cfg = FitConfig(backbone=backbone, weights=weights, kd=kd, head_width=head_width,
+                    clean_share=clean_share, epochs=epochs, steps=steps, batch_size=batch_size,
+                    lr=lr, weight_decay=weight_decay, seed=seed, device=device, workers=workers,
+                    compile=compile, cuda_graph=cuda_graph, checkpoint_every=checkpoint_every)
     summary = run(shards, out, cfg, resume=resume)
     click.echo(f"{out}: {summary['steps']} steps, {summary['samples_per_s']:.1f} samples/s, "
                f"last loss {summary.get('loss', float('nan')):.4f}")
@@ -71,11 +73,12 @@ def fit(shards, out, backbone, weights, epochs, steps, batch_size, lr, weight_de
               help="Overlay PNGs of the N worst and best cases.")
 @click.option("--pixel-resolution", type=click.Choice(["model", "original"]), default="model",
               show_default=True, help="Score pixels at the model's input size or each image's own.")
+@click.option("--tta", is_flag=True, help="Average each map with its image's flips (4x the inference).")
 @_fail_cleanly
-def test(run_dir, data, out, device, overlays, pixel_resolution):
+def test(run_dir, data, out, device, overlays, pixel_resolution, tta):
     """Metrics (image_AUROC, pixel_AUROC, AUPRO, F1Max) per defect type, and overlays."""
     from .evaluate import format_table, test_run
-    report = test_run(run_dir, data, out, device, overlays, pixel_resolution=pixel_resolution)
+    report = test_run(run_dir, data, out, device, overlays, pixel_resolution=pixel_resolution, tta=tta)
     click.echo(format_table(report["metrics"]))
     click.echo(f"{report['n_images']} images, {report['images_per_s']:.1f} images/s on "
                f"{report['device']}")
@@ -88,11 +91,13 @@ def test(run_dir, data, out, device, overlays, pixel_resolution):
 @click.option("--threshold", type=float, default=None,
               help="Decision threshold (default: the F1Max thresholds saved by 'test').")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--tta/--no-tta", default=None,
+              help="Flip-averaged maps (default: as 'test' did for the saved thresholds).")
 @_fail_cleanly
-def predict(run_dir, paths, out, threshold, device):
+def predict(run_dir, paths, out, threshold, device, tta):
     """Scores, heatmaps and binary masks for images or folders."""
     from .evaluate import predict as run
-    click.echo(f"wrote {run(run_dir, paths, out, threshold, device)}")
+    click.echo(f"wrote {run(run_dir, paths, out, threshold, device, tta=tta)}")
 
 
 @main.command()

@@ -148,6 +148,14 @@ def _color(img_u8: torch.Tensor, mats: torch.Tensor, offs: torch.Tensor) -> torc
     return y.clamp_(0.0, 255.0).mul_(1.0 / 255.0)
 
 
+def show_clean(normal: torch.Tensor, anomalous: torch.Tensor, mask: torch.Tensor, share: float,
+               generator: torch.Generator):
+    """Each sample with probability ``share`` loses its anomaly: its normal image, an empty mask."""
+    keep = torch.rand(normal.shape[0], device=normal.device, generator=generator) >= share
+    keep = keep.view(-1, 1, 1, 1)
+    return torch.where(keep, anomalous, normal), mask * keep
+
+
 def _collate_one(items):
     return items[0]
 

@@ -109,19 +109,31 @@ def preprocess(paths, size: int, channels: int, sizes: list | None = None) -> np
     return np.stack(out).transpose(0, 3, 1, 2)
 
 
+FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both
+
+
+def flip_averaged_map(model: FractalAD, x: torch.Tensor) -> torch.Tensor:
+    """Mean of the maps of ``x`` and of its horizontal, vertical and double flips, flipped back."""
+    total = model.anomaly_map(x)
+    for dims in FLIPS[1:]:
+        total = total + model.anomaly_map(x.flip(dims)).flip(dims)
+    return total / len(FLIPS)
+
+
 @torch.no_grad()
-def anomaly_maps(model: FractalAD, images_u8: np.ndarray, batch_size: int = 32):
+def anomaly_maps(model: FractalAD, images_u8: np.ndarray, batch_size: int = 32, tta: bool = False):
     """(maps float32 [N, S, S], images/s) for uint8 [N, C, S, S] images; float32 throughout,
-    since bf16 maps tie many pixel scores and bias the pixel metrics."""
+    since bf16 maps tie many pixel scores and bias the pixel metrics. ``tta``: flip-averaged."""
     device = next(model.parameters()).device
+    map_fn = (lambda x: flip_averaged_map(model, x)) if tta else model.anomaly_map
     out = []
-    model.anomaly_map(torch.from_numpy(images_u8[:1]).to(device).float() / 255)  # warm-up
+    map_fn(torch.from_numpy(images_u8[:1]).to(device).float() / 255)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
     for s in range(0, len(images_u8), batch_size):
         x = torch.from_numpy(images_u8[s:s + batch_size]).to(device).float() / 255
-        out.append(model.anomaly_map(x)[:, 0].cpu().numpy())
+        out.append(map_fn(x)[:, 0].cpu().numpy())
     dt = time.perf_counter() - t
     return np.concatenate(out), len(images_u8) / max(dt, 1e-9)
 
@@ -171,11 +183,14 @@ def _ground_truth(mask_path, shape) -> np.ndarray:
 
 
 def test_run(run_dir: str, data: str, out: str | None = None, device: str = "auto",
-             n_overlays: int = 8, batch_size: int = 32, pixel_resolution: str = "model") -> dict:
+             n_overlays: int = 8, batch_size: int = 32, pixel_resolution: str = "model",
+             tta: bool = False) -> dict:
     """Score the test set: metrics.json, a table, thresholds, overlays of worst / best cases.
 
     ``pixel_resolution``: 'model' scores pixels at the model's input size; 'original' upsamples
-    each map to its image's own size (MVTec's convention; slower on large images).
+    each map to its image's own size (MVTec's convention; slower on large images). ``tta``:
+    average each map with those of the image's flips (4x the inference); the thresholds saved
+    for ``predict`` remember it.
     """
     if pixel_resolution not in ("model", "original"):
         raise ValueError(f"pixel_resolution must be 'model' or 'original', got {pixel_resolution!r}")
@@ -187,7 +202,7 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
     t0 = time.perf_counter()
     sizes = []
     images = preprocess(ts.paths, size, ch, sizes)
-    maps, ips = anomaly_maps(model, images, batch_size)
+    maps, ips = anomaly_maps(model, images, batch_size, tta)
     smax, smean = maps.reshape(len(maps), -1).max(1), maps.reshape(len(maps), -1).mean(1)
     if pixel_resolution == "model":
         px_maps, gts = list(maps), [_ground_truth(mp, (size, size)) for mp in ts.mask_paths]
@@ -203,14 +218,14 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
         pixel = ([px_maps[i] for i in px], [gts[i] for i in px]) \
             if (ts.labels[px] == 1).any() else (None, None)
         results[t] = detection_metrics(smax[sel], smean[sel], ts.labels[sel], *pixel)
-    thresholds = {"image": results["all"]["image_threshold"]}
+    thresholds = {"image": results["all"]["image_threshold"], "tta": tta}
     if "pixel_threshold" in results["all"]:
         thresholds["pixel"] = results["all"]["pixel_threshold"]
     report = {"metrics": results, "thresholds": thresholds, "images_per_s": ips,
               "device": str(next(model.parameters()).device), "n_images": len(ts.paths),
               "seconds": time.perf_counter() - t0, "data": os.path.abspath(data),
               "image_score": "max of the map (image_*_mean: mean of the map)",
-              "pixel_resolution": pixel_resolution}
+              "pixel_resolution": pixel_resolution, "tta": tta}
     with open(os.path.join(out, "metrics.json"), "w") as fh:
         json.dump(report, fh, indent=1)
     with open(os.path.join(run_dir, "thresholds.json"), "w") as fh:
@@ -231,11 +246,12 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
 
 
 def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
-            device: str = "auto", batch_size: int = 32) -> str:
+            device: str = "auto", batch_size: int = 32, tta: bool | None = None) -> str:
     """Heatmaps, binary masks and a scores.csv for images or folders; returns the CSV path.
 
     Thresholds: ``threshold`` for both decisions, else the F1Max thresholds ``test`` saved
-    (image: max of the map; pixel: the mask), else 0.5.
+    (image: max of the map; pixel: the mask), else 0.5. ``tta`` (flip-averaged maps) defaults
+    to what ``test`` used for the saved thresholds, since they only hold for such maps.
     """
     model, meta = load_run(run_dir, device)
     paths = []
@@ -255,6 +271,8 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
             with open(tpath) as fh:
                 thresholds.update(json.load(fh))
         thresholds.setdefault("pixel", thresholds["image"])
+    saved_tta = bool(thresholds.pop("tta", False))
+    tta = saved_tta if tta is None else tta
     os.makedirs(os.path.join(out, "heatmap"), exist_ok=True)
     os.makedirs(os.path.join(out, "mask"), exist_ok=True)
     size, ch = meta["size"], meta["channels"]
@@ -267,7 +285,7 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
             chunk = paths[s:s + batch_size]
             sizes = []
             imgs = preprocess(chunk, size, ch, sizes)
-            maps, _ = anomaly_maps(model, imgs, batch_size)
+            maps, _ = anomaly_maps(model, imgs, batch_size, tta)
             for p, img, m, (h0, w0) in zip(chunk, imgs.transpose(0, 2, 3, 1), maps, sizes):
                 stem = os.path.splitext(os.path.basename(p))[0]
                 full = cv2.resize(m, (w0, h0), interpolation=cv2.INTER_LINEAR)

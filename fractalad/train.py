@@ -15,11 +15,12 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import __version__
-from .data import DeviceNormals, RecordBatches, batch_order, make_loader
+from .data import DeviceNormals, RecordBatches, batch_order, make_loader, show_clean
 from .model import FractalAD
 
 PAPER_EPOCH_SAMPLES = 391
@@ -36,6 +37,7 @@ class FitConfig:
     pretrained: bool = True  # False: random teacher (timing only)
     kd: bool = True
     head_width: int | None = None  # None: the smallest stage width, as in the method
+    clean_share: float = 0.0  # share of samples shown without their anomaly (the paper: 0)
     epochs: float = 100.0
     steps: int | None = None  # overrides epochs
     batch_size: int = 32
@@ -50,6 +52,10 @@ class FitConfig:
     channels_last: bool = True
     checkpoint_every: int = 500
     log_every: int = 25
+
+    def __post_init__(self):
+        if not 0.0 <= self.clean_share < 1.0:
+            raise ValueError(f"clean_share must be in [0, 1), got {self.clean_share}")
 
     def total_steps(self) -> int:
         if self.steps is not None:
@@ -122,6 +128,7 @@ class Trainer:
         elif cfg.cuda_graph:
             self._step_fn = GraphedStep(self._update, self.opt)
         self.step_count = 0
+        self._clean_rng = torch.Generator(device=self.device)
 
     def _train_step(self, normal, anomalous, mask):
         self.opt.zero_grad(set_to_none=True)
@@ -139,6 +146,11 @@ class Trainer:
 
     def to_inputs(self, batch):
         normal, anomalous, mask = self.normals.rebuild(batch)
+        if self.cfg.clean_share > 0:
+            # seeded by (seed, rank, step): a resumed run draws what an uninterrupted one would
+            key = np.random.SeedSequence([self.cfg.seed, self.rank, self.step_count]).generate_state(1)
+            self._clean_rng.manual_seed(int(key[0]))
+            anomalous, mask = show_clean(normal, anomalous, mask, self.cfg.clean_share, self._clean_rng)
         if self.device.type == "cuda" and self.cfg.channels_last:
             normal = normal.contiguous(memory_format=torch.channels_last)
             anomalous = anomalous.contiguous(memory_format=torch.channels_last)

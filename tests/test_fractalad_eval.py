@@ -158,6 +158,35 @@ def test_pixel_metrics_at_the_original_resolution(tiny_run, tmp_path):
         test_run(run, data, str(tmp_path / "t"), "cpu", 0, pixel_resolution="native")
 
 
+def test_flip_averaged_maps_and_the_thresholds_that_remember_them(tiny_run, tmp_path):
+    import shutil
+    from fractalad.evaluate import (anomaly_maps, flip_averaged_map, load_run, predict, preprocess,
+                                    read_test_set, test_run)
+    run, data = str(tmp_path / "run"), str(tiny_run / "data")
+    shutil.copytree(tiny_run / "run", run)
+    model, meta = load_run(run, "cpu")
+    x = torch.rand(3, meta["channels"], meta["size"], meta["size"])
+    with torch.no_grad():
+        plain, avg = model.anomaly_map(x), flip_averaged_map(model, x)
+        for dims in ((-1,), (-2,)):  # the averaged map follows a flip exactly; the plain one does not
+            assert not torch.allclose(model.anomaly_map(x.flip(dims)), plain.flip(dims), atol=1e-4)
+            assert torch.allclose(flip_averaged_map(model, x.flip(dims)), avg.flip(dims), atol=1e-6)
+    report = test_run(run, data, str(tmp_path / "t"), "cpu", 0, tta=True)
+    assert report["tta"] is True
+    assert json.load(open(os.path.join(run, "thresholds.json")))["tta"] is True
+    spot = os.path.join(data, "test", "spot")
+    paths = read_test_set(data).paths
+    paths = [p for p in paths if os.path.dirname(p) == spot]
+    imgs = preprocess(paths, meta["size"], meta["channels"])
+    want = {tta: anomaly_maps(model, imgs, tta=tta)[0].reshape(len(paths), -1).max(1) for tta in (0, 1)}
+    for flag, expect in ((None, want[1]), (False, want[0])):  # default: as 'test' did
+        out = str(tmp_path / f"pred_{flag}")
+        with open(predict(run, paths, out, tta=flag)) as fh:
+            got = np.array([float(row.split(",")[1]) for row in fh.read().splitlines()[1:]])
+        np.testing.assert_allclose(got, expect, atol=1e-6)
+    assert not np.allclose(want[0], want[1], atol=1e-6)
+
+
 def test_bad_inputs_to_test_and_predict(tiny_run, tmp_path):
     r = CliRunner()
     run, data = str(tiny_run / "run"), tiny_run / "data"

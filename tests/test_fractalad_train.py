@@ -54,6 +54,33 @@ def test_device_rebuild_matches_the_numpy_reader(tiny_shards, tmp_path, channels
         assert got[2].sum() > 0
 
 
+def test_clean_share_swaps_whole_samples_reproducibly(tiny_shards):
+    from fractalad.data import show_clean
+    tr = Trainer(tiny_shards, _cfg(steps=4, batch_size=16, clean_share=0.5, kd=False))
+    batch = tr.batches[0]
+    normal, anomalous, mask = tr.normals.rebuild(batch)
+    got = []
+    for step in (0, 1, 0):
+        tr.step_count = step
+        got.append(tr.to_inputs(batch))
+    for n2, a2, m2 in got:
+        assert torch.equal(n2, normal)
+        clean = m2.flatten(1).sum(1) == 0
+        assert 0 < int(clean.sum()) < 16  # with 16 samples at 0.5, both kinds are all but certain
+        for i in range(16):  # each sample is wholly its anomalous self or wholly its normal twin
+            if clean[i]:
+                assert torch.equal(a2[i], normal[i])
+            else:
+                assert torch.equal(a2[i], anomalous[i]) and torch.equal(m2[i], mask[i])
+    assert all(torch.equal(x, y) for x, y in zip(got[0], got[2]))  # same (seed, step): same draw
+    assert not torch.equal(got[0][2], got[1][2])
+    g = torch.Generator().manual_seed(0)
+    a0, m0 = show_clean(normal, anomalous, mask, 0.0, g)
+    assert torch.equal(a0, anomalous) and torch.equal(m0, mask)
+    with pytest.raises(ValueError, match="clean_share"):
+        FitConfig(clean_share=1.0)
+
+
 def test_training_lowers_the_loss(tiny_shards):
     torch.manual_seed(0)
     tr = Trainer(tiny_shards, _cfg(steps=30, lr=2e-3))
