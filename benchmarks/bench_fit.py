@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from benchmarks.temporary_shards import remove_temporary, temporary_shards  # noqa: E402
+from benchmarks.bench_loader import remove_temporary, temporary_shards  # noqa: E402
 from fractalad.train import FitConfig, Trainer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -22,7 +24,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.temporary_shards import remove_temporary, temporary_shards  # noqa: E402
 from fractalad.data import DeviceNormals, RecordBatches, _color  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,6 +51,24 @@ class IndexBatches(RecordBatches):
                 "pixels": torch.from_numpy(rb.pixels.reshape(-1, ch)),
                 "mask": torch.from_numpy(np.concatenate(bits)),
                 "jitter": torch.from_numpy(rb.jitter)}
+
+
+def temporary_shards(normals: str, n: int, size: int, prefix: str):
+    """``n`` default-config samples of ``size`` px in a new temp folder: (shards, folder, seconds)."""
+    from fractalsynth.anomaly import AnomalyConfig
+    from fractalsynth.generate import generate
+    folder = tempfile.mkdtemp(prefix=prefix)
+    shards = os.path.join(folder, "shards")
+    t = time.perf_counter()
+    generate(normals, shards, n, AnomalyConfig(size=size), seed=0, shard_size=n,
+             workers=os.cpu_count() or 1, log=lambda m: None)
+    return shards, folder, time.perf_counter() - t
+
+
+def remove_temporary(folder: str | None) -> None:
+    """Remove the temp folder ``temporary_shards`` made (if any)."""
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def index_rebuild(normals: DeviceNormals, batch: dict):

@@ -271,8 +271,7 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
             with open(tpath) as fh:
                 thresholds.update(json.load(fh))
         thresholds.setdefault("pixel", thresholds["image"])
-    saved_tta = bool(thresholds.pop("tta", False))
-    tta = saved_tta if tta is None else tta
+    tta = bool(thresholds.pop("tta", False)) if tta is None else tta
     os.makedirs(os.path.join(out, "heatmap"), exist_ok=True)
     os.makedirs(os.path.join(out, "mask"), exist_ok=True)
     size, ch = meta["size"], meta["channels"]
