@@ -60,6 +60,8 @@ def main(argv=None):
                     help="head channels (default: the smallest stage width, as in the method)")
     ap.add_argument("--clean-share", type=float, default=0.0,
                     help="share of training samples shown without their anomaly")
+    ap.add_argument("--flips", action="store_true",
+                    help="train on randomly flipped samples (horizontal and vertical)")
     ap.add_argument("--pixel-resolution", default="model", choices=["model", "original"],
                     help="score pixels at the model's size or each image's own")
     ap.add_argument("--tta", action="store_true",
@@ -79,7 +81,8 @@ def main(argv=None):
 
     work = args.out or tempfile.mkdtemp(prefix="bench_mtd_")
     cfg = FitConfig(backbone=args.backbone, weights=args.weights, kd=args.kd,
-                    head_width=args.head_width, clean_share=args.clean_share, epochs=args.epochs, steps=args.steps,
+                    head_width=args.head_width, clean_share=args.clean_share, flips=args.flips,
+                    epochs=args.epochs, steps=args.steps,
                     batch_size=args.batch_size, seed=args.seed,
                     device=args.device, workers=args.workers)
     n = cfg.total_steps() * args.batch_size  # every training sample is a fresh one
@@ -115,7 +118,7 @@ def main(argv=None):
     result = {
         "data": os.path.basename(os.path.normpath(args.data)), "device": dev,
         "backbone": args.backbone, "kd": args.kd, "head_width": args.head_width,
-        "clean_share": args.clean_share,
+        "clean_share": args.clean_share, "flips": args.flips,
         "mask_source": args.mask_source,
         "cut_scale": args.cut_scale, "region": args.region, "content": args.content,
         "min_contrast": args.min_contrast, "thin": args.thin, "thin_width": args.thin_width,

@@ -1,7 +1,9 @@
 """Command line: ``fractalad fit | test | predict | export | demo``."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 
 import click
 
@@ -41,27 +43,59 @@ def main():
               help="Head channels (default: the smallest stage width, as in the method).")
 @click.option("--clean-share", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Share of samples shown without their anomaly (normal image, empty mask).")
+@click.option("--flips/--no-flips", default=False, show_default=True,
+              help="Flip each sample at random, horizontally and vertically (the paper: no).")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="MVTec category: textures train without distillation.")
 @click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the step.")
 @click.option("--cuda-graph/--no-cuda-graph", default=False, show_default=True,
               help="Capture the step as a CUDA graph and replay it (one GPU).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its checkpoint, with its settings; a longer "
+                   "--steps / --epochs extends a finished run.")
 @_fail_cleanly
 def fit(shards, out, backbone, weights, epochs, steps, batch_size, lr, weight_decay, seed, device,
-        workers, kd, head_width, clean_share, preset, compile, cuda_graph, checkpoint_every, resume):
+        workers, kd, head_width, clean_share, flips, preset, compile, cuda_graph, checkpoint_every, resume):
     """Train FractalAD from a shard dataset into a run folder."""
     from .train import FitConfig, fit as run
-    if kd is None:
-        kd = PRESETS[preset]["kd"] if preset else True
-    cfg = FitConfig(backbone=backbone, weights=weights, kd=kd, head_width=head_width,
-                    clean_share=clean_share, epochs=epochs, steps=steps, batch_size=batch_size,
-                    lr=lr, weight_decay=weight_decay, seed=seed, device=device, workers=workers,
-                    compile=compile, cuda_graph=cuda_graph, checkpoint_every=checkpoint_every)
-    summary = run(shards, out, cfg, resume=resume)
+    if kd is None and preset:
+        kd = PRESETS[preset]["kd"]
+    given = dict(backbone=backbone, weights=weights, kd=kd, head_width=head_width,
+                 clean_share=clean_share, flips=flips, epochs=epochs, steps=steps, batch_size=batch_size,
+                 lr=lr, weight_decay=weight_decay, seed=seed, device=device, workers=workers,
+                 compile=compile, cuda_graph=cuda_graph, checkpoint_every=checkpoint_every)
+    settings = _resumed_settings(out, given) if resume else given
+    if settings["kd"] is None:
+        settings["kd"] = True
+    summary = run(shards, out, FitConfig(**settings), resume=resume)
     click.echo(f"{out}: {summary['steps']} steps, {summary['samples_per_s']:.1f} samples/s, "
                f"last loss {summary.get('loss', float('nan')):.4f}")
+
+
+def _resumed_settings(out: str, given: dict) -> dict:
+    """Settings for ``fit --resume``: the run's own, except options typed on this command line."""
+    from click.core import ParameterSource
+
+    from .train import FitConfig
+    path = os.path.join(out, "config.json")
+    try:
+        with open(path) as fh:
+            saved = json.load(fh)["fit"]
+    except (OSError, ValueError, KeyError):
+        raise click.UsageError(f"{path}: missing or unreadable; --resume needs a run folder "
+                               "that 'fractalad fit' started") from None
+    ctx = click.get_current_context()
+    typed = {k for k in given if k in ctx.params and
+             ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+    if ctx.get_parameter_source("preset") == ParameterSource.COMMANDLINE:
+        typed.add("kd")
+    if typed & {"epochs", "steps"}:  # a schedule typed now replaces the saved one whole
+        typed |= {"epochs", "steps"}
+    fields = {f.name for f in dataclasses.fields(FitConfig)}
+    # settings the command line lacks (pretrained, bf16, ...) come from the run too
+    return {**given, **{k: v for k, v in saved.items() if k in fields},
+            **{k: given[k] for k in typed}}
 
 
 @main.command()

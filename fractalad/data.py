@@ -156,6 +156,16 @@ def show_clean(normal: torch.Tensor, anomalous: torch.Tensor, mask: torch.Tensor
     return torch.where(keep, anomalous, normal), mask * keep
 
 
+def random_flips(tensors, generator: torch.Generator):
+    """The same random horizontal and vertical flip of each sample applied to every tensor."""
+    b, dev = tensors[0].shape[0], tensors[0].device
+    out = list(tensors)
+    for dim in (-1, -2):
+        flip = (torch.rand(b, device=dev, generator=generator) < 0.5).view(-1, 1, 1, 1)
+        out = [torch.where(flip, x.flip(dim), x) for x in out]
+    return out
+
+
 def _collate_one(items):
     return items[0]
 

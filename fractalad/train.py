@@ -2,7 +2,8 @@
 
 The schedule is counted in optimizer steps; ``epochs`` converts with the paper's epoch of 391
 samples. Batch ``k`` of an epoch is fixed by (seed, epoch), so a resumed run takes exactly the
-batches an uninterrupted one would. Run folder: ``config.json``, ``metrics.csv``,
+batches an uninterrupted one would; with a longer schedule, a resume extends a finished run as
+if it had been asked for the longer one at the start. Run folder: ``config.json``, ``metrics.csv``,
 ``checkpoint.pt`` (periodic, for ``--resume``) and ``model.pt`` (final and self-contained, teacher
 included, for test / predict / export).
 """
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from . import __version__
-from .data import DeviceNormals, RecordBatches, batch_order, make_loader, show_clean
+from .data import DeviceNormals, RecordBatches, batch_order, make_loader, random_flips, show_clean
 from .model import FractalAD
 
 PAPER_EPOCH_SAMPLES = 391
@@ -38,6 +39,7 @@ class FitConfig:
     kd: bool = True
     head_width: int | None = None  # None: the smallest stage width, as in the method
     clean_share: float = 0.0  # share of samples shown without their anomaly (the paper: 0)
+    flips: bool = False  # random horizontal / vertical flips of each sample (the paper: none)
     epochs: float = 100.0
     steps: int | None = None  # overrides epochs
     batch_size: int = 32
@@ -128,7 +130,7 @@ class Trainer:
         elif cfg.cuda_graph:
             self._step_fn = GraphedStep(self._update, self.opt)
         self.step_count = 0
-        self._clean_rng = torch.Generator(device=self.device)
+        self._step_rng = torch.Generator(device=self.device)
 
     def _train_step(self, normal, anomalous, mask):
         self.opt.zero_grad(set_to_none=True)
@@ -146,11 +148,14 @@ class Trainer:
 
     def to_inputs(self, batch):
         normal, anomalous, mask = self.normals.rebuild(batch)
-        if self.cfg.clean_share > 0:
+        if self.cfg.clean_share > 0 or self.cfg.flips:
             # seeded by (seed, rank, step): a resumed run draws what an uninterrupted one would
             key = np.random.SeedSequence([self.cfg.seed, self.rank, self.step_count]).generate_state(1)
-            self._clean_rng.manual_seed(int(key[0]))
-            anomalous, mask = show_clean(normal, anomalous, mask, self.cfg.clean_share, self._clean_rng)
+            self._step_rng.manual_seed(int(key[0]))
+        if self.cfg.clean_share > 0:
+            anomalous, mask = show_clean(normal, anomalous, mask, self.cfg.clean_share, self._step_rng)
+        if self.cfg.flips:
+            normal, anomalous, mask = random_flips((normal, anomalous, mask), self._step_rng)
         if self.device.type == "cuda" and self.cfg.channels_last:
             normal = normal.contiguous(memory_format=torch.channels_last)
             anomalous = anomalous.contiguous(memory_format=torch.channels_last)
@@ -243,6 +248,17 @@ def _atomic_save(obj, path):
     os.replace(tmp, path)
 
 
+# a resume may change these: the constant learning rate makes N steps and then M more the same
+# as N + M in one go, and the rest only set how a run reports, not what it computes
+RESUME_MAY_CHANGE = ("epochs", "steps", "workers", "log_every", "checkpoint_every")
+
+
+def _training_settings(config: dict) -> dict:
+    """The settings a resumed run must share (a setting an older checkpoint lacks had its default)."""
+    full = {**asdict(FitConfig()), **config}
+    return {k: v for k, v in full.items() if k not in RESUME_MAY_CHANGE}
+
+
 def run_metadata(cfg: FitConfig, shards_dir: str, trainer: Trainer) -> dict:
     return {"schema": RUN_SCHEMA, "version": RUN_VERSION, "fractalad_version": __version__,
             "fit": asdict(cfg), "shards": os.path.abspath(shards_dir),
@@ -263,9 +279,14 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
         if not os.path.isfile(ckpt):
             raise FileNotFoundError(f"{ckpt}: nothing to resume; drop --resume to start afresh")
         state = torch.load(ckpt, map_location=device, weights_only=False)
-        # a setting an older checkpoint lacks had its default then
-        if {**asdict(FitConfig()), **state["config"]} != asdict(cfg):
-            raise ValueError(f"{ckpt} was made with other settings; resume with the same options")
+        changed = sorted(k for k, v in _training_settings(state["config"]).items()
+                         if v != _training_settings(asdict(cfg))[k])
+        if changed:
+            raise ValueError(f"{ckpt} was made with other settings ({', '.join(changed)}); "
+                             "resume with the same options")
+        if int(state["step"]) > cfg.total_steps():
+            raise ValueError(f"{ckpt} is at step {state['step']}, past the {cfg.total_steps()} "
+                             "asked for; ask for at least as many (--steps / --epochs)")
         with open(os.path.join(out_dir, "config.json")) as fh:
             if json.load(fh).get("shards_params_hash") != meta["shards_params_hash"]:
                 raise ValueError(f"{out_dir} was trained on another shard dataset than "

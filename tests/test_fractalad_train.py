@@ -81,6 +81,26 @@ def test_clean_share_swaps_whole_samples_reproducibly(tiny_shards):
         FitConfig(clean_share=1.0)
 
 
+def test_flips_move_each_sample_whole_and_follow_the_step(tiny_shards):
+    tr = Trainer(tiny_shards, _cfg(steps=4, batch_size=16, flips=True, kd=False))
+    batch = tr.batches[0]
+    plain = tr.normals.rebuild(batch)
+    got = []
+    for step in (0, 1, 0):
+        tr.step_count = step
+        got.append(tr.to_inputs(batch))
+    seen = set()
+    for out in got:
+        for i in range(16):  # one of the four flips, the same for image, twin and mask
+            hits = [dims for dims in ((), (-1,), (-2,), (-2, -1))
+                    if all(torch.equal(o[i], p[i].flip(dims)) for o, p in zip(out, plain))]
+            assert hits, i
+            seen.add(hits[0])
+    assert len(seen) == 4
+    assert all(torch.equal(x, y) for x, y in zip(got[0], got[2]))  # same (seed, step): same draw
+    assert not torch.equal(got[0][1], got[1][1])
+
+
 def test_training_lowers_the_loss(tiny_shards):
     torch.manual_seed(0)
     tr = Trainer(tiny_shards, _cfg(steps=30, lr=2e-3))
@@ -154,8 +174,10 @@ def test_fit_writes_a_run_and_refuses_to_clobber(tiny_shards, tmp_path):
         assert os.path.isfile(os.path.join(run, f))
     with pytest.raises(FileExistsError, match="--resume"):
         fit(tiny_shards, run, _cfg(steps=3), progress=False)
-    with pytest.raises(ValueError, match="other settings"):
-        fit(tiny_shards, run, _cfg(steps=5), resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"other settings \(lr\)"):
+        fit(tiny_shards, run, _cfg(steps=3, lr=2e-3), resume=True, progress=False)
+    with pytest.raises(ValueError, match="past the 2"):
+        fit(tiny_shards, run, _cfg(steps=2), resume=True, progress=False)
     assert fit(tiny_shards, run, _cfg(steps=3, checkpoint_every=2), resume=True,
                progress=False)["steps"] == 3
     ckpt = os.path.join(run, "checkpoint.pt")  # from a version before a setting existed
@@ -173,6 +195,27 @@ def test_fit_writes_a_run_and_refuses_to_clobber(tiny_shards, tmp_path):
     with pytest.raises(ValueError, match="another shard dataset"):
         fit(os.path.join(other, "shards"), run, _cfg(steps=3, checkpoint_every=2), resume=True,
             progress=False)
+
+
+def test_resume_extends_a_finished_run_like_a_longer_one(tiny_shards, tmp_path):
+    from click.testing import CliRunner
+    from fractalad.cli import main
+    straight, extended = str(tmp_path / "straight"), str(tmp_path / "extended")
+    fit(tiny_shards, straight, _cfg(steps=5, lr=2e-3), progress=False)
+    fit(tiny_shards, extended, _cfg(steps=3, lr=2e-3), progress=False)
+    # the command line takes the run's own settings (lr, batch size, random teacher, ...)
+    res = CliRunner().invoke(main, ["fit", tiny_shards, "--out", extended, "--resume",
+                                    "--steps", "5", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    a, b = (torch.load(os.path.join(r, "model.pt"), weights_only=False) for r in (straight, extended))
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert b["meta"]["fit"]["steps"] == 5 and b["meta"]["fit"]["lr"] == 2e-3
+    res = CliRunner().invoke(main, ["fit", tiny_shards, "--out", extended, "--resume",
+                                    "--steps", "6", "--lr", "1e-4"])
+    assert res.exit_code != 0 and "other settings (lr)" in res.output
+    res = CliRunner().invoke(main, ["fit", tiny_shards, "--out", str(tmp_path / "none"), "--resume"])
+    assert res.exit_code == 2 and "config.json: missing" in res.output
 
 
 def test_head_width_is_kept_by_the_run(tiny_shards, tmp_path):
