@@ -28,7 +28,8 @@ lite=("${fit[@]}" --backbone efficientnet_lite0)
 mtd=(python3 benchmarks/bench_mtd.py --data .gpu/magnetic_tile --weights .gpu/lite0.pth --device "$DEV" --workers "$W" --size "$SIZE" --tta "${extra[@]}")
 small=(--region 0-1 --content same=0.5,noise=0.25,fractal=0.25 --cut-scale 0.03-0.5)
 # session 6 (CPU, 128 px, distillation): twice the steps lifted image_AUROC 0.854 -> 0.911 (2 seeds), so
-# first the seed-0 pair of session 5 (paper schedule) on twice the schedule (~4 min each)
+# first the seed-0 pair of session 5 (paper schedule) on twice the schedule (~4 min each);
+# session 7 (same CPU setting, seed 0): 1.5x / 2x gave 0.925 / 0.931, pixel metrics noisy
 LIMIT=300 run mtd_small_fractal_kd_e200 "${mtd[@]}" "${small[@]}" --epochs 200
 # session 5: ResNet-18 + graph 1,905 samples/s (ratio 0.98), Lite0 + distillation + graph 1,216;
 # which setting speeds up the Lite0 distillation step?
