@@ -62,6 +62,8 @@ def main(argv=None):
                     help="share of training samples shown without their anomaly")
     ap.add_argument("--flips", action="store_true",
                     help="train on randomly flipped samples (horizontal and vertical)")
+    ap.add_argument("--decay-steps", type=int, default=0,
+                    help="lower the learning rate linearly to 0 over the last N steps")
     ap.add_argument("--pixel-resolution", default="model", choices=["model", "original"],
                     help="score pixels at the model's size or each image's own")
     ap.add_argument("--tta", action="store_true",
@@ -82,6 +84,7 @@ def main(argv=None):
     work = args.out or tempfile.mkdtemp(prefix="bench_mtd_")
     cfg = FitConfig(backbone=args.backbone, weights=args.weights, kd=args.kd,
                     head_width=args.head_width, clean_share=args.clean_share, flips=args.flips,
+                    decay_steps=args.decay_steps,
                     epochs=args.epochs, steps=args.steps,
                     batch_size=args.batch_size, seed=args.seed,
                     device=args.device, workers=args.workers)
@@ -118,7 +121,7 @@ def main(argv=None):
     result = {
         "data": os.path.basename(os.path.normpath(args.data)), "device": dev,
         "backbone": args.backbone, "kd": args.kd, "head_width": args.head_width,
-        "clean_share": args.clean_share, "flips": args.flips,
+        "clean_share": args.clean_share, "flips": args.flips, "decay_steps": args.decay_steps,
         "mask_source": args.mask_source,
         "cut_scale": args.cut_scale, "region": args.region, "content": args.content,
         "min_contrast": args.min_contrast, "thin": args.thin, "thin_width": args.thin_width,

@@ -40,6 +40,7 @@ class FitConfig:
     head_width: int | None = None  # None: the smallest stage width, as in the method
     clean_share: float = 0.0  # share of samples shown without their anomaly (the paper: 0)
     flips: bool = False  # random horizontal / vertical flips of each sample (the paper: none)
+    decay_steps: int = 0  # the last N steps lower the learning rate linearly to 0 (the paper: 0)
     epochs: float = 100.0
     steps: int | None = None  # overrides epochs
     batch_size: int = 32
@@ -58,6 +59,18 @@ class FitConfig:
     def __post_init__(self):
         if not 0.0 <= self.clean_share < 1.0:
             raise ValueError(f"clean_share must be in [0, 1), got {self.clean_share}")
+        if self.decay_steps < 0:
+            raise ValueError(f"decay_steps must be >= 0, got {self.decay_steps}")
+        if self.decay_steps and (self.compile or self.cuda_graph):
+            # a captured or compiled step would keep the rate it was made with
+            raise ValueError("--decay-steps runs the step eagerly; drop --compile / --cuda-graph")
+
+    def learning_rate(self, step: int) -> float:
+        """The rate of update ``step`` (0-based): constant, then the linear decay to 0."""
+        left = self.total_steps() - step
+        if self.decay_steps and left <= self.decay_steps:
+            return self.lr * left / (self.decay_steps + 1)
+        return self.lr
 
     def total_steps(self) -> int:
         if self.steps is not None:
@@ -163,6 +176,9 @@ class Trainer:
 
     def step(self, batch):
         """One optimizer update from a loader batch; returns device scalars (no host sync)."""
+        if self.cfg.decay_steps:
+            for group in self.opt.param_groups:
+                group["lr"] = self.cfg.learning_rate(self.step_count)
         out = self._step_fn(*self.to_inputs(batch))
         self.step_count += 1
         return out
@@ -249,7 +265,7 @@ def _atomic_save(obj, path):
 
 
 # a resume may change these: the constant learning rate makes N steps and then M more the same
-# as N + M in one go, and the rest only set how a run reports, not what it computes
+# as N + M in one go (before any decay starts), and the rest only set how a run reports
 RESUME_MAY_CHANGE = ("epochs", "steps", "workers", "log_every", "checkpoint_every")
 
 
@@ -287,6 +303,11 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
         if int(state["step"]) > cfg.total_steps():
             raise ValueError(f"{ckpt} is at step {state['step']}, past the {cfg.total_steps()} "
                              "asked for; ask for at least as many (--steps / --epochs)")
+        before = FitConfig(**{**asdict(FitConfig()), **state["config"]})
+        if cfg.decay_steps and int(state["step"]) > min(before.total_steps(), cfg.total_steps()) \
+                - cfg.decay_steps and before.total_steps() != cfg.total_steps():
+            raise ValueError(f"{ckpt} is at step {state['step']}, inside its learning-rate decay; "
+                             "it can only be resumed with its own --steps / --epochs")
         with open(os.path.join(out_dir, "config.json")) as fh:
             if json.load(fh).get("shards_params_hash") != meta["shards_params_hash"]:
                 raise ValueError(f"{out_dir} was trained on another shard dataset than "

@@ -218,6 +218,35 @@ def test_resume_extends_a_finished_run_like_a_longer_one(tiny_shards, tmp_path):
     assert res.exit_code == 2 and "config.json: missing" in res.output
 
 
+def test_learning_rate_decay_schedule_and_resume(tiny_shards, tmp_path):
+    cfg = _cfg(steps=10, decay_steps=4, lr=1e-3)
+    rates = [cfg.learning_rate(s) for s in range(10)]
+    np.testing.assert_allclose(rates, [1e-3] * 6 + [8e-4, 6e-4, 4e-4, 2e-4])
+    assert _cfg(steps=10).learning_rate(9) == 1e-3
+    with pytest.raises(ValueError, match="--decay-steps"):
+        _cfg(steps=10, decay_steps=4, compile=True)
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    fit(tiny_shards, straight, _cfg(steps=6, decay_steps=3, lr=2e-3), progress=False)
+    fit(tiny_shards, split, _cfg(steps=2, decay_steps=3, lr=2e-3), progress=False)
+    # the 2-step run decayed from its first step: lengthening it would change its past
+    with pytest.raises(ValueError, match="inside its learning-rate decay"):
+        fit(tiny_shards, split, _cfg(steps=6, decay_steps=3, lr=2e-3), resume=True, progress=False)
+    ckpt = os.path.join(split, "checkpoint.pt")
+    long_ = str(tmp_path / "long")
+    fit(tiny_shards, long_, _cfg(steps=3, decay_steps=0, lr=2e-3), progress=False)
+    state = torch.load(os.path.join(long_, "checkpoint.pt"), weights_only=False)
+    # as if a 9-step run with the same decay stopped at step 3, before its decay: that may change length
+    state["config"]["decay_steps"], state["config"]["steps"] = 3, 9
+    torch.save(state, ckpt)
+    fit(tiny_shards, split, _cfg(steps=6, decay_steps=3, lr=2e-3), resume=True, progress=False)
+    a, b = (torch.load(os.path.join(r, "model.pt"), weights_only=False)["model"] for r in (straight, split))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    const = str(tmp_path / "const")
+    fit(tiny_shards, const, _cfg(steps=6, lr=2e-3), progress=False)
+    c = torch.load(os.path.join(const, "model.pt"), weights_only=False)["model"]
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_head_width_is_kept_by_the_run(tiny_shards, tmp_path):
     from fractalad.evaluate import load_run
     run = str(tmp_path / "run")
