@@ -40,4 +40,6 @@ run fit_lite0_graph_nchw "${lite[@]}" --cuda-graph --no-channels-last
 # seed 1 of the session-5 pair (paper schedule)
 run mtd_small_fractal_kd_s1 "${mtd[@]}" "${small[@]}" --seed 1
 run mtd_small_rectangle_kd_s1 "${mtd[@]}" "${small[@]}" --mask-source rectangle --seed 1
+# session 7 (CPU, 128 px): 1.25x the schedule with its last fifth decaying matched 1.5x constant
+run mtd_small_fractal_kd_e125_decay "${mtd[@]}" "${small[@]}" --epochs 125 --decay-steps 306
 echo "== done in $SECONDS s"
