@@ -58,15 +58,17 @@ def main():
                    "--steps / --epochs extends a finished run.")
 @_fail_cleanly
 def fit(shards, out, backbone, weights, epochs, steps, batch_size, lr, weight_decay, seed, device,
-        workers, kd, head_width, clean_share, flips, decay_steps, preset, compile, cuda_graph, checkpoint_every, resume):
+        workers, kd, head_width, clean_share, flips, decay_steps, preset, compile, cuda_graph,
+        checkpoint_every, resume):
     """Train FractalAD from a shard dataset into a run folder."""
     from .train import FitConfig, fit as run
     if kd is None and preset:
         kd = PRESETS[preset]["kd"]
     given = dict(backbone=backbone, weights=weights, kd=kd, head_width=head_width,
-                 clean_share=clean_share, flips=flips, decay_steps=decay_steps, epochs=epochs, steps=steps, batch_size=batch_size,
-                 lr=lr, weight_decay=weight_decay, seed=seed, device=device, workers=workers,
-                 compile=compile, cuda_graph=cuda_graph, checkpoint_every=checkpoint_every)
+                 clean_share=clean_share, flips=flips, decay_steps=decay_steps, epochs=epochs,
+                 steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+                 device=device, workers=workers, compile=compile, cuda_graph=cuda_graph,
+                 checkpoint_every=checkpoint_every)
     settings = _resumed_settings(out, given) if resume else given
     if settings["kd"] is None:
         settings["kd"] = True

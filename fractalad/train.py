@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -269,10 +269,10 @@ def _atomic_save(obj, path):
 RESUME_MAY_CHANGE = ("epochs", "steps", "workers", "log_every", "checkpoint_every")
 
 
-def _training_settings(config: dict) -> dict:
-    """The settings a resumed run must share (a setting an older checkpoint lacks had its default)."""
-    full = {**asdict(FitConfig()), **config}
-    return {k: v for k, v in full.items() if k not in RESUME_MAY_CHANGE}
+def _saved_config(config: dict) -> FitConfig:
+    """A checkpoint's settings; one an older checkpoint lacks had its default then."""
+    known = {f.name for f in fields(FitConfig)}
+    return FitConfig(**{k: v for k, v in config.items() if k in known})
 
 
 def run_metadata(cfg: FitConfig, shards_dir: str, trainer: Trainer) -> dict:
@@ -295,18 +295,19 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
         if not os.path.isfile(ckpt):
             raise FileNotFoundError(f"{ckpt}: nothing to resume; drop --resume to start afresh")
         state = torch.load(ckpt, map_location=device, weights_only=False)
-        changed = sorted(k for k, v in _training_settings(state["config"]).items()
-                         if v != _training_settings(asdict(cfg))[k])
+        before = _saved_config(state["config"])
+        old, new = asdict(before), asdict(cfg)
+        changed = sorted(k for k in new if k not in RESUME_MAY_CHANGE and old[k] != new[k])
         if changed:
             raise ValueError(f"{ckpt} was made with other settings ({', '.join(changed)}); "
                              "resume with the same options")
-        if int(state["step"]) > cfg.total_steps():
-            raise ValueError(f"{ckpt} is at step {state['step']}, past the {cfg.total_steps()} "
-                             "asked for; ask for at least as many (--steps / --epochs)")
-        before = FitConfig(**{**asdict(FitConfig()), **state["config"]})
-        if cfg.decay_steps and int(state["step"]) > min(before.total_steps(), cfg.total_steps()) \
-                - cfg.decay_steps and before.total_steps() != cfg.total_steps():
-            raise ValueError(f"{ckpt} is at step {state['step']}, inside its learning-rate decay; "
+        step, total = int(state["step"]), cfg.total_steps()
+        if step > total:
+            raise ValueError(f"{ckpt} is at step {step}, past the {total} asked for; ask for at "
+                             "least as many (--steps / --epochs)")
+        if cfg.decay_steps and before.total_steps() != total \
+                and step > min(before.total_steps(), total) - cfg.decay_steps:
+            raise ValueError(f"{ckpt} is at step {step}, inside its learning-rate decay; "
                              "it can only be resumed with its own --steps / --epochs")
         with open(os.path.join(out_dir, "config.json")) as fh:
             if json.load(fh).get("shards_params_hash") != meta["shards_params_hash"]:
