@@ -297,7 +297,8 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
         state = torch.load(ckpt, map_location=device, weights_only=False)
         before = _saved_config(state["config"])
         old, new = asdict(before), asdict(cfg)
-        changed = sorted(k for k in new if k not in RESUME_MAY_CHANGE and old[k] != new[k])
+        changed = sorted({k for k in new if k not in RESUME_MAY_CHANGE and old[k] != new[k]}
+                         | (set(state["config"]) - set(new)))  # a newer version's settings too
         if changed:
             raise ValueError(f"{ckpt} was made with other settings ({', '.join(changed)}); "
                              "resume with the same options")
