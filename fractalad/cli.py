@@ -55,7 +55,7 @@ def main():
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its checkpoint, with its settings; a longer "
-                   "--steps / --epochs extends a finished run.")
+                   "--steps / --epochs (and --decay-steps) extends a finished run.")
 @_fail_cleanly
 def fit(shards, out, backbone, weights, epochs, steps, batch_size, lr, weight_decay, seed, device,
         workers, kd, head_width, clean_share, flips, decay_steps, preset, compile, cuda_graph,

@@ -264,9 +264,10 @@ def _atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-# a resume may change these: the constant learning rate makes N steps and then M more the same
-# as N + M in one go (before any decay starts), and the rest only set how a run reports
-RESUME_MAY_CHANGE = ("epochs", "steps", "workers", "log_every", "checkpoint_every")
+# a resume may change these: the schedule (steps, epochs, decay) as long as the steps already
+# taken keep their learning rates, so N steps and then M more equal N + M in one go; the rest
+# only set how a run reports
+RESUME_MAY_CHANGE = ("epochs", "steps", "decay_steps", "workers", "log_every", "checkpoint_every")
 
 
 def _saved_config(config: dict) -> FitConfig:
@@ -306,10 +307,11 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
         if step > total:
             raise ValueError(f"{ckpt} is at step {step}, past the {total} asked for; ask for at "
                              "least as many (--steps / --epochs)")
-        if cfg.decay_steps and before.total_steps() != total \
-                and step > min(before.total_steps(), total) - cfg.decay_steps:
-            raise ValueError(f"{ckpt} is at step {step}, inside its learning-rate decay; "
-                             "it can only be resumed with its own --steps / --epochs")
+        first = next((k for k in range(step) if before.learning_rate(k) != cfg.learning_rate(k)), None)
+        if first is not None:
+            raise ValueError(f"{ckpt} is at step {step}, but this schedule changes the learning "
+                             f"rate of its step {first}; keep the run's --steps / --epochs / "
+                             f"--decay-steps, or start the decay at step {step} or later")
         with open(os.path.join(out_dir, "config.json")) as fh:
             if json.load(fh).get("shards_params_hash") != meta["shards_params_hash"]:
                 raise ValueError(f"{out_dir} was trained on another shard dataset than "

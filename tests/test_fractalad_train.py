@@ -227,20 +227,21 @@ def test_learning_rate_decay_schedule_and_resume(tiny_shards, tmp_path):
         _cfg(steps=10, decay_steps=4, compile=True)
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     fit(tiny_shards, straight, _cfg(steps=6, decay_steps=3, lr=2e-3), progress=False)
-    fit(tiny_shards, split, _cfg(steps=2, decay_steps=3, lr=2e-3), progress=False)
-    # the 2-step run decayed from its first step: lengthening it would change its past
-    with pytest.raises(ValueError, match="inside its learning-rate decay"):
-        fit(tiny_shards, split, _cfg(steps=6, decay_steps=3, lr=2e-3), resume=True, progress=False)
-    ckpt = os.path.join(split, "checkpoint.pt")
-    long_ = str(tmp_path / "long")
-    fit(tiny_shards, long_, _cfg(steps=3, decay_steps=0, lr=2e-3), progress=False)
-    state = torch.load(os.path.join(long_, "checkpoint.pt"), weights_only=False)
-    # as if a 9-step run with the same decay stopped at step 3, before its decay: that may change length
-    state["config"]["decay_steps"], state["config"]["steps"] = 3, 9
-    torch.save(state, ckpt)
-    fit(tiny_shards, split, _cfg(steps=6, decay_steps=3, lr=2e-3), resume=True, progress=False)
+    fit(tiny_shards, split, _cfg(steps=3, lr=2e-3), progress=False)  # constant rate, finished
+    # a decay over the last 4 of 6 steps would have lowered the rate of step 2, already taken
+    with pytest.raises(ValueError, match="changes the learning rate of its step 2"):
+        fit(tiny_shards, split, _cfg(steps=6, decay_steps=4, lr=2e-3), resume=True, progress=False)
+    # one starting at step 3 adds a cool-down to the finished run (through the CLI, as a user would)
+    from click.testing import CliRunner
+    from fractalad.cli import main
+    res = CliRunner().invoke(main, ["fit", tiny_shards, "--out", split, "--resume", "--steps", "6",
+                                    "--decay-steps", "3"])
+    assert res.exit_code == 0, res.output
     a, b = (torch.load(os.path.join(r, "model.pt"), weights_only=False)["model"] for r in (straight, split))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # now inside its decay, the run may not grow: its last steps' rates would change
+    with pytest.raises(ValueError, match="changes the learning rate of its step 3"):
+        fit(tiny_shards, split, _cfg(steps=8, decay_steps=3, lr=2e-3), resume=True, progress=False)
     const = str(tmp_path / "const")
     fit(tiny_shards, const, _cfg(steps=6, lr=2e-3), progress=False)
     c = torch.load(os.path.join(const, "model.pt"), weights_only=False)["model"]
