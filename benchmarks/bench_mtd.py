@@ -12,6 +12,7 @@ Default data: ../shared/data/magnetic_tile/magnetic_tile (MVTec layout). The pap
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -33,6 +34,25 @@ def _range(text: str, cast=float) -> tuple:
 
 def _rounded(metrics: dict) -> dict:
     return {t: {k: round(v, 4) for k, v in m.items()} for t, m in metrics.items()}
+
+
+def _test(run: str, work: str, prefix: str, args, seconds: dict) -> dict:
+    """Test the run (and with flip-averaged maps under --tta); the stages timed into ``seconds``."""
+    from fractalad.evaluate import test_run
+    t = time.perf_counter()
+    report = test_run(run, args.data, os.path.join(work, prefix + "test"), device=args.device,
+                      n_overlays=4, pixel_resolution=args.pixel_resolution)
+    seconds[prefix + "test"] = time.perf_counter() - t
+    out = {"report": report}
+    if prefix:
+        out["metrics"] = _rounded(report["metrics"])
+    if args.tta:
+        t = time.perf_counter()
+        tta = test_run(run, args.data, os.path.join(work, prefix + "test_tta"), device=args.device,
+                       n_overlays=4, pixel_resolution=args.pixel_resolution, tta=True)
+        seconds[prefix + "test_tta"] = time.perf_counter() - t
+        out["metrics_tta"] = _rounded(tta["metrics"])
+    return out
 
 
 def main(argv=None):
@@ -64,6 +84,9 @@ def main(argv=None):
                     help="train on randomly flipped samples (horizontal and vertical)")
     ap.add_argument("--decay-steps", type=int, default=0,
                     help="lower the learning rate linearly to 0 over the last N steps")
+    ap.add_argument("--cooldown-steps", type=int, default=0,
+                    help="after the test, resume the run for N more steps with the learning rate "
+                         "falling to 0 and test again (a paired result under 'cooldown')")
     ap.add_argument("--pixel-resolution", default="model", choices=["model", "original"],
                     help="score pixels at the model's size or each image's own")
     ap.add_argument("--tta", action="store_true",
@@ -73,12 +96,13 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one, removed)")
     args = ap.parse_args(argv)
+    if args.cooldown_steps and args.decay_steps:
+        ap.error("--cooldown-steps adds its own decay after the run; drop --decay-steps")
 
     import torch
 
     from fractalsynth.anomaly import AnomalyConfig, parse_content
     from fractalsynth.generate import generate
-    from fractalad.evaluate import test_run
     from fractalad.train import FitConfig, fit
 
     work = args.out or tempfile.mkdtemp(prefix="bench_mtd_")
@@ -88,7 +112,8 @@ def main(argv=None):
                     epochs=args.epochs, steps=args.steps,
                     batch_size=args.batch_size, seed=args.seed,
                     device=args.device, workers=args.workers)
-    n = cfg.total_steps() * args.batch_size  # every training sample is a fresh one
+    # every training sample is a fresh one, the cool-down's too
+    n = (cfg.total_steps() + args.cooldown_steps) * args.batch_size
     seconds = {}
     t = time.perf_counter()
     shards = os.path.join(work, "shards")
@@ -103,18 +128,21 @@ def main(argv=None):
              log=lambda m: None)
     seconds["generate"] = time.perf_counter() - t
     t = time.perf_counter()
-    summary = fit(shards, os.path.join(work, "run"), cfg, progress=False)
+    run = os.path.join(work, "run")
+    summary = fit(shards, run, cfg, progress=False)
     seconds["fit"] = time.perf_counter() - t
-    t = time.perf_counter()
-    report = test_run(os.path.join(work, "run"), args.data, device=args.device, n_overlays=4,
-                      pixel_resolution=args.pixel_resolution)
-    seconds["test"] = time.perf_counter() - t
-    if args.tta:
+    reports = _test(run, work, "", args, seconds)
+    cooldown = None
+    if args.cooldown_steps:
+        # the steps taken keep their constant rate, so this equals one run with --decay-steps N
+        total = cfg.total_steps() + args.cooldown_steps
         t = time.perf_counter()
-        report_tta = test_run(os.path.join(work, "run"), args.data, os.path.join(work, "test_tta"),
-                              device=args.device, n_overlays=4, pixel_resolution=args.pixel_resolution,
-                              tta=True)
-        seconds["test_tta"] = time.perf_counter() - t
+        fit(shards, run, dataclasses.replace(cfg, steps=total, decay_steps=args.cooldown_steps),
+            resume=True, progress=False)
+        seconds["cooldown_fit"] = time.perf_counter() - t
+        cooldown = {"steps": total, "decay_steps": args.cooldown_steps,
+                    **_test(run, work, "cooldown_", args, seconds)}
+    report = reports.pop("report")
     dev = report["device"]
     if dev.startswith("cuda"):
         dev = torch.cuda.get_device_name(0)
@@ -131,10 +159,11 @@ def main(argv=None):
         "train_samples_per_s": round(summary["samples_per_s"], 1),
         "test_images_per_s": round(report["images_per_s"], 1),
         "stage_seconds": {k: round(v, 1) for k, v in seconds.items()},
-        "metrics": _rounded(report["metrics"]),
+        "metrics": _rounded(report["metrics"]), **reports,
     }
-    if args.tta:
-        result["metrics_tta"] = _rounded(report_tta["metrics"])
+    if cooldown:
+        cooldown.pop("report")
+        result["cooldown"] = cooldown
     if args.out is None:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))
