@@ -36,23 +36,21 @@ def _rounded(metrics: dict) -> dict:
     return {t: {k: round(v, 4) for k, v in m.items()} for t, m in metrics.items()}
 
 
-def _test(run: str, work: str, prefix: str, args, seconds: dict) -> dict:
-    """Test the run (and with flip-averaged maps under --tta); the stages timed into ``seconds``."""
+def _test(run: str, work: str, prefix: str, args, seconds: dict) -> tuple[dict, dict]:
+    """Test the run: its report, and {"metrics_tta": ...} under --tta; stages timed into ``seconds``."""
     from fractalad.evaluate import test_run
     t = time.perf_counter()
     report = test_run(run, args.data, os.path.join(work, prefix + "test"), device=args.device,
                       n_overlays=4, pixel_resolution=args.pixel_resolution)
     seconds[prefix + "test"] = time.perf_counter() - t
-    out = {"report": report}
-    if prefix:
-        out["metrics"] = _rounded(report["metrics"])
+    extra = {}
     if args.tta:
         t = time.perf_counter()
         tta = test_run(run, args.data, os.path.join(work, prefix + "test_tta"), device=args.device,
                        n_overlays=4, pixel_resolution=args.pixel_resolution, tta=True)
         seconds[prefix + "test_tta"] = time.perf_counter() - t
-        out["metrics_tta"] = _rounded(tta["metrics"])
-    return out
+        extra["metrics_tta"] = _rounded(tta["metrics"])
+    return report, extra
 
 
 def main(argv=None):
@@ -131,7 +129,7 @@ def main(argv=None):
     run = os.path.join(work, "run")
     summary = fit(shards, run, cfg, progress=False)
     seconds["fit"] = time.perf_counter() - t
-    reports = _test(run, work, "", args, seconds)
+    report, extra = _test(run, work, "", args, seconds)
     cooldown = None
     if args.cooldown_steps:
         # the steps taken keep their constant rate, so this equals one run with --decay-steps N
@@ -140,9 +138,9 @@ def main(argv=None):
         fit(shards, run, dataclasses.replace(cfg, steps=total, decay_steps=args.cooldown_steps),
             resume=True, progress=False)
         seconds["cooldown_fit"] = time.perf_counter() - t
+        cooled, cooled_extra = _test(run, work, "cooldown_", args, seconds)
         cooldown = {"steps": total, "decay_steps": args.cooldown_steps,
-                    **_test(run, work, "cooldown_", args, seconds)}
-    report = reports.pop("report")
+                    "metrics": _rounded(cooled["metrics"]), **cooled_extra}
     dev = report["device"]
     if dev.startswith("cuda"):
         dev = torch.cuda.get_device_name(0)
@@ -159,10 +157,9 @@ def main(argv=None):
         "train_samples_per_s": round(summary["samples_per_s"], 1),
         "test_images_per_s": round(report["images_per_s"], 1),
         "stage_seconds": {k: round(v, 1) for k, v in seconds.items()},
-        "metrics": _rounded(report["metrics"]), **reports,
+        "metrics": _rounded(report["metrics"]), **extra,
     }
     if cooldown:
-        cooldown.pop("report")
         result["cooldown"] = cooldown
     if args.out is None:
         shutil.rmtree(work, ignore_errors=True)
