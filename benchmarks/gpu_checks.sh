@@ -29,7 +29,7 @@ lite=("${fit[@]}" --backbone efficientnet_lite0)
 mtd=(python3 benchmarks/bench_mtd.py --data .gpu/magnetic_tile --weights .gpu/lite0.pth --device "$DEV" --workers "$W" --size "$SIZE" "${extra[@]}")
 small=(--region 0-1 --content same=0.5,noise=0.25,fractal=0.25 --cut-scale 0.03-0.5)
 # session 6 (CPU, 128 px, distillation): twice the steps lifted image_AUROC 0.854 -> 0.911 (2 seeds), so
-# first the seed-0 pair of session 5 (paper schedule) on twice the schedule (~4 min each);
+# first the seed-0 pair of session 5 (paper schedule) on twice the schedule, each with a cool-down (~4-5 min each);
 # session 7 (same CPU setting, seed 0): 1.5x / 2x gave 0.925 / 0.931, pixel metrics noisy;
 # a cool-down of a quarter more steps lifted image_AUROC 0.911 -> 0.933 over 2 seeds, so the same
 # run is then resumed for 611 decaying steps and tested again (paired, under "cooldown")
