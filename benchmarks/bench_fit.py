@@ -30,6 +30,19 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _write_profile(tr, resident, dev, path):
+    """Where a resident step spends its time: the profiler's table of the 10 steps' top ops."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(10):
+            tr._step_fn(*resident)
+        _sync(dev)
+    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70) + "\n")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="resnet18")
@@ -47,6 +60,8 @@ def main(argv=None):
     ap.add_argument("--cuda-graph", action="store_true", help="capture the step as a CUDA graph")
     ap.add_argument("--no-channels-last", action="store_true")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    ap.add_argument("--profile", metavar="PATH", default=None,
+                    help="also write the top kernels of 10 resident steps (torch.profiler table) to PATH")
     args = ap.parse_args(argv)
 
     shards, tmp, gen_seconds = args.shards, None, None
@@ -86,6 +101,8 @@ def main(argv=None):
         tr._step_fn(*resident)
     _sync(dev)
     resident_sps = args.steps * args.batch_size / (time.perf_counter() - t)
+    if args.profile:
+        _write_profile(tr, resident, dev, args.profile)
     result = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()}",
         "backbone": args.backbone, "batch_size": args.batch_size, "size": args.size, "kd": args.kd,

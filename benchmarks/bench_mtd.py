@@ -89,6 +89,7 @@ def main(argv=None):
                     help="score pixels at the model's size or each image's own")
     ap.add_argument("--tta", action="store_true",
                     help="also test with flip-averaged maps (metrics_tta)")
+    ap.add_argument("--cuda-graph", action="store_true", help="capture the training step (fit --cuda-graph)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
@@ -109,7 +110,7 @@ def main(argv=None):
                     decay_steps=args.decay_steps,
                     epochs=args.epochs, steps=args.steps,
                     batch_size=args.batch_size, seed=args.seed,
-                    device=args.device, workers=args.workers)
+                    device=args.device, workers=args.workers, cuda_graph=args.cuda_graph)
     # every training sample is a fresh one, the cool-down's too
     n = (cfg.total_steps() + args.cooldown_steps) * args.batch_size
     seconds = {}
@@ -148,6 +149,7 @@ def main(argv=None):
         "data": os.path.basename(os.path.normpath(args.data)), "device": dev,
         "backbone": args.backbone, "kd": args.kd, "head_width": args.head_width,
         "clean_share": args.clean_share, "flips": args.flips, "decay_steps": args.decay_steps,
+        "cuda_graph": args.cuda_graph,
         "mask_source": args.mask_source,
         "cut_scale": args.cut_scale, "region": args.region, "content": args.content,
         "min_contrast": args.min_contrast, "thin": args.thin, "thin_width": args.thin_width,

@@ -61,9 +61,9 @@ class FitConfig:
             raise ValueError(f"clean_share must be in [0, 1), got {self.clean_share}")
         if self.decay_steps < 0:
             raise ValueError(f"decay_steps must be >= 0, got {self.decay_steps}")
-        if self.decay_steps and (self.compile or self.cuda_graph):
-            # a captured or compiled step would keep the rate it was made with
-            raise ValueError("--decay-steps runs the step eagerly; drop --compile / --cuda-graph")
+        if self.decay_steps and self.compile:
+            # a compiled step would keep the rate it was traced with (or recompile for each one)
+            raise ValueError("--decay-steps and --compile exclude each other; use --cuda-graph")
 
     def learning_rate(self, step: int) -> float:
         """The rate of update ``step`` (0-based): constant, then the linear decay to 0."""
@@ -131,7 +131,7 @@ class Trainer:
         if cuda and cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        self.opt = torch.optim.AdamW(params, lr=self._rate_holder(cfg.lr), weight_decay=cfg.weight_decay,
                                      fused=cuda or None, capturable=cfg.cuda_graph)
         self.net = self.model
         if self.world > 1:
@@ -144,6 +144,19 @@ class Trainer:
             self._step_fn = GraphedStep(self._update, self.opt)
         self.step_count = 0
         self._step_rng = torch.Generator(device=self.device)
+
+    def _rate_holder(self, rate: float):
+        """The optimizer's learning rate: a float, or a GPU scalar that a captured step reads."""
+        # a float is baked into the captured kernels; a device tensor is read at each replay,
+        # so --decay-steps can lower it in place between replays
+        return torch.tensor(float(rate), device=self.device) if self.cfg.cuda_graph else float(rate)
+
+    def _set_learning_rate(self, rate: float) -> None:
+        for group in self.opt.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(rate)  # in place, no host sync: the graph keeps its pointer
+            else:
+                group["lr"] = rate
 
     def _train_step(self, normal, anomalous, mask):
         self.opt.zero_grad(set_to_none=True)
@@ -177,8 +190,7 @@ class Trainer:
     def step(self, batch):
         """One optimizer update from a loader batch; returns device scalars (no host sync)."""
         if self.cfg.decay_steps:
-            for group in self.opt.param_groups:
-                group["lr"] = self.cfg.learning_rate(self.step_count)
+            self._set_learning_rate(self.cfg.learning_rate(self.step_count))
         out = self._step_fn(*self.to_inputs(batch))
         self.step_count += 1
         return out
@@ -197,12 +209,17 @@ class Trainer:
                 step += 1
 
     def state(self) -> dict:
-        return {"model": self.model.trainable_state(), "optimizer": self.opt.state_dict(),
+        optimizer = self.opt.state_dict()
+        for group in optimizer["param_groups"]:  # a plain number: the checkpoint loads anywhere
+            group["lr"] = float(group["lr"])
+        return {"model": self.model.trainable_state(), "optimizer": optimizer,
                 "step": self.step_count, "config": asdict(self.cfg)}
 
     def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"], strict=False)
         self.opt.load_state_dict(state["optimizer"])
+        for group in self.opt.param_groups:
+            group["lr"] = self._rate_holder(group["lr"])
         self.step_count = int(state["step"])
         if isinstance(self._step_fn, GraphedStep):
             self._step_fn.reset()  # a captured graph would keep updating the replaced state
