@@ -37,7 +37,8 @@ def _rounded(metrics: dict) -> dict:
 
 
 def _test(run: str, work: str, prefix: str, args, seconds: dict) -> tuple[dict, dict]:
-    """Test the run: its report, and {"metrics_tta": ...} under --tta; stages timed into ``seconds``."""
+    """Test the run: its report, plus {"metrics_tta": ...} under --tta and {"metrics_smooth": ...}
+    under --smooth; stages timed into ``seconds``."""
     from fractalad.evaluate import test_run
     t = time.perf_counter()
     report = test_run(run, args.data, os.path.join(work, prefix + "test"), device=args.device,
@@ -50,6 +51,12 @@ def _test(run: str, work: str, prefix: str, args, seconds: dict) -> tuple[dict, 
                        n_overlays=4, pixel_resolution=args.pixel_resolution, tta=True)
         seconds[prefix + "test_tta"] = time.perf_counter() - t
         extra["metrics_tta"] = _rounded(tta["metrics"])
+    if args.smooth:
+        t = time.perf_counter()
+        smooth = test_run(run, args.data, os.path.join(work, prefix + "test_smooth"), device=args.device,
+                          n_overlays=4, pixel_resolution=args.pixel_resolution, smooth=args.smooth)
+        seconds[prefix + "test_smooth"] = time.perf_counter() - t
+        extra["metrics_smooth"] = _rounded(smooth["metrics"])
     return report, extra
 
 
@@ -87,6 +94,8 @@ def main(argv=None):
                          "falling to 0 and test again (a paired result under 'cooldown')")
     ap.add_argument("--pixel-resolution", default="model", choices=["model", "original"],
                     help="score pixels at the model's size or each image's own")
+    ap.add_argument("--smooth", type=float, default=0.0,
+                    help="also test with maps smoothed by this Gaussian sigma (metrics_smooth)")
     ap.add_argument("--tta", action="store_true",
                     help="also test with flip-averaged maps (metrics_tta)")
     ap.add_argument("--cuda-graph", action="store_true", help="capture the training step (fit --cuda-graph)")
@@ -153,7 +162,7 @@ def main(argv=None):
         "mask_source": args.mask_source,
         "cut_scale": args.cut_scale, "region": args.region, "content": args.content,
         "min_contrast": args.min_contrast, "thin": args.thin, "thin_width": args.thin_width,
-        "dilate": args.dilate, "pixel_resolution": args.pixel_resolution,
+        "dilate": args.dilate, "pixel_resolution": args.pixel_resolution, "smooth": args.smooth,
         "seed": args.seed,
         "size": args.size, "steps": summary["steps"], "batch_size": args.batch_size,
         "train_samples_per_s": round(summary["samples_per_s"], 1),

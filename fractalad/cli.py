@@ -112,11 +112,15 @@ def _resumed_settings(out: str, given: dict) -> dict:
 @click.option("--pixel-resolution", type=click.Choice(["model", "original"]), default="model",
               show_default=True, help="Score pixels at the model's input size or each image's own.")
 @click.option("--tta", is_flag=True, help="Average each map with its image's flips (4x the inference).")
+@click.option("--smooth", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Gaussian sigma (pixels at the model's input size) on each map before scoring; "
+                   "PatchCore-style: 4 at 256 px.")
 @_fail_cleanly
-def test(run_dir, data, out, device, overlays, pixel_resolution, tta):
+def test(run_dir, data, out, device, overlays, pixel_resolution, tta, smooth):
     """Metrics (image_AUROC, pixel_AUROC, AUPRO, F1Max) per defect type, and overlays."""
     from .evaluate import format_table, test_run
-    report = test_run(run_dir, data, out, device, overlays, pixel_resolution=pixel_resolution, tta=tta)
+    report = test_run(run_dir, data, out, device, overlays, pixel_resolution=pixel_resolution, tta=tta,
+                      smooth=smooth)
     click.echo(format_table(report["metrics"]))
     click.echo(f"{report['n_images']} images, {report['images_per_s']:.1f} images/s on "
                f"{report['device']}")
@@ -131,11 +135,13 @@ def test(run_dir, data, out, device, overlays, pixel_resolution, tta):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--tta/--no-tta", default=None,
               help="Flip-averaged maps (default: as 'test' did for the saved thresholds).")
+@click.option("--smooth", type=click.FloatRange(min=0), default=None,
+              help="Gaussian sigma on each map (default: as 'test' did for the saved thresholds).")
 @_fail_cleanly
-def predict(run_dir, paths, out, threshold, device, tta):
+def predict(run_dir, paths, out, threshold, device, tta, smooth):
     """Scores, heatmaps and binary masks for images or folders."""
     from .evaluate import predict as run
-    click.echo(f"wrote {run(run_dir, paths, out, threshold, device, tta=tta)}")
+    click.echo(f"wrote {run(run_dir, paths, out, threshold, device, tta=tta, smooth=smooth)}")
 
 
 @main.command()

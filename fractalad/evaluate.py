@@ -138,6 +138,13 @@ def anomaly_maps(model: FractalAD, images_u8: np.ndarray, batch_size: int = 32, 
     return np.concatenate(out), len(images_u8) / max(dt, 1e-9)
 
 
+def smooth_maps(maps: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian-blurred float32 maps [N, S, S] (``sigma`` in map pixels; 0: the maps unchanged)."""
+    if sigma <= 0:
+        return maps
+    return np.stack([cv2.GaussianBlur(m, (0, 0), sigma, borderType=cv2.BORDER_REFLECT) for m in maps])
+
+
 def _heat_overlay(image: np.ndarray, amap: np.ndarray) -> np.ndarray:
     rgb = image if image.shape[2] == 3 else np.repeat(image, 3, axis=2)
     heat = cv2.applyColorMap(np.clip(amap * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
@@ -184,13 +191,15 @@ def _ground_truth(mask_path, shape) -> np.ndarray:
 
 def test_run(run_dir: str, data: str, out: str | None = None, device: str = "auto",
              n_overlays: int = 8, batch_size: int = 32, pixel_resolution: str = "model",
-             tta: bool = False) -> dict:
+             tta: bool = False, smooth: float = 0.0) -> dict:
     """Score the test set: metrics.json, a table, thresholds, overlays of worst / best cases.
 
     ``pixel_resolution``: 'model' scores pixels at the model's input size; 'original' upsamples
     each map to its image's own size (MVTec's convention; slower on large images). ``tta``:
-    average each map with those of the image's flips (4x the inference); the thresholds saved
-    for ``predict`` remember it.
+    average each map with those of the image's flips (4x the inference). ``smooth``: Gaussian
+    sigma (pixels at the model's input size) applied to each map before any score, as
+    PatchCore-style methods do (sigma 4 at 256 px); the paper: 0. The thresholds saved for
+    ``predict`` remember both.
     """
     if pixel_resolution not in ("model", "original"):
         raise ValueError(f"pixel_resolution must be 'model' or 'original', got {pixel_resolution!r}")
@@ -203,6 +212,7 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
     sizes = []
     images = preprocess(ts.paths, size, ch, sizes)
     maps, ips = anomaly_maps(model, images, batch_size, tta)
+    maps = smooth_maps(maps, smooth)
     smax, smean = maps.reshape(len(maps), -1).max(1), maps.reshape(len(maps), -1).mean(1)
     if pixel_resolution == "model":
         px_maps, gts = list(maps), [_ground_truth(mp, (size, size)) for mp in ts.mask_paths]
@@ -218,14 +228,14 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
         pixel = ([px_maps[i] for i in px], [gts[i] for i in px]) \
             if (ts.labels[px] == 1).any() else (None, None)
         results[t] = detection_metrics(smax[sel], smean[sel], ts.labels[sel], *pixel)
-    thresholds = {"image": results["all"]["image_threshold"], "tta": tta}
+    thresholds = {"image": results["all"]["image_threshold"], "tta": tta, "smooth": smooth}
     if "pixel_threshold" in results["all"]:
         thresholds["pixel"] = results["all"]["pixel_threshold"]
     report = {"metrics": results, "thresholds": thresholds, "images_per_s": ips,
               "device": str(next(model.parameters()).device), "n_images": len(ts.paths),
               "seconds": time.perf_counter() - t0, "data": os.path.abspath(data),
               "image_score": "max of the map (image_*_mean: mean of the map)",
-              "pixel_resolution": pixel_resolution, "tta": tta}
+              "pixel_resolution": pixel_resolution, "tta": tta, "smooth": smooth}
     with open(os.path.join(out, "metrics.json"), "w") as fh:
         json.dump(report, fh, indent=1)
     with open(os.path.join(run_dir, "thresholds.json"), "w") as fh:
@@ -246,12 +256,14 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
 
 
 def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
-            device: str = "auto", batch_size: int = 32, tta: bool | None = None) -> str:
+            device: str = "auto", batch_size: int = 32, tta: bool | None = None,
+            smooth: float | None = None) -> str:
     """Heatmaps, binary masks and a scores.csv for images or folders; returns the CSV path.
 
     Thresholds: ``threshold`` for both decisions, else the F1Max thresholds ``test`` saved
-    (image: max of the map; pixel: the mask), else 0.5. ``tta`` (flip-averaged maps) defaults
-    to what ``test`` used for the saved thresholds, since they only hold for such maps.
+    (image: max of the map; pixel: the mask), else 0.5. ``tta`` (flip-averaged maps) and
+    ``smooth`` (Gaussian sigma) default to what ``test`` used for the saved thresholds, since
+    they only hold for such maps.
     """
     model, meta = load_run(run_dir, device)
     paths = []
@@ -271,7 +283,9 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
             with open(tpath) as fh:
                 thresholds.update(json.load(fh))
         thresholds.setdefault("pixel", thresholds["image"])
-    tta = bool(thresholds.pop("tta", False)) if tta is None else tta
+    saved_tta, saved_smooth = bool(thresholds.pop("tta", False)), float(thresholds.pop("smooth", 0.0))
+    tta = saved_tta if tta is None else tta
+    smooth = saved_smooth if smooth is None else smooth
     os.makedirs(os.path.join(out, "heatmap"), exist_ok=True)
     os.makedirs(os.path.join(out, "mask"), exist_ok=True)
     size, ch = meta["size"], meta["channels"]
@@ -284,7 +298,7 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
             chunk = paths[s:s + batch_size]
             sizes = []
             imgs = preprocess(chunk, size, ch, sizes)
-            maps, _ = anomaly_maps(model, imgs, batch_size, tta)
+            maps = smooth_maps(anomaly_maps(model, imgs, batch_size, tta)[0], smooth)
             for p, img, m, (h0, w0) in zip(chunk, imgs.transpose(0, 2, 3, 1), maps, sizes):
                 stem = os.path.splitext(os.path.basename(p))[0]
                 full = cv2.resize(m, (w0, h0), interpolation=cv2.INTER_LINEAR)

@@ -187,6 +187,36 @@ def test_flip_averaged_maps_and_the_thresholds_that_remember_them(tiny_run, tmp_
     assert not np.allclose(want[0], want[1], atol=1e-6)
 
 
+def test_smoothed_maps_and_the_thresholds_that_remember_them(tiny_run, tmp_path):
+    import shutil
+    from fractalad.evaluate import (anomaly_maps, load_run, predict, preprocess, read_test_set,
+                                    smooth_maps, test_run)
+    impulse = np.zeros((1, 33, 33), np.float32)
+    impulse[0, 16, 16] = 1.0
+    blurred = smooth_maps(impulse, 2.0)[0]
+    assert smooth_maps(impulse, 0.0) is impulse
+    assert abs(blurred.sum() - 1.0) < 1e-3 and blurred.argmax() == 16 * 33 + 16
+    assert 0.03 < blurred.max() < 0.05  # 1 / (2 pi sigma^2) = 0.0398
+    np.testing.assert_allclose(blurred, blurred.T, atol=1e-7)
+    run, data = str(tmp_path / "run"), str(tiny_run / "data")
+    shutil.copytree(tiny_run / "run", run)
+    report = test_run(run, data, str(tmp_path / "t"), "cpu", 0, smooth=1.5)
+    assert report["smooth"] == 1.5
+    assert json.load(open(os.path.join(run, "thresholds.json")))["smooth"] == 1.5
+    model, meta = load_run(run, "cpu")
+    paths = read_test_set(data).paths[:6]
+    maps = anomaly_maps(model, preprocess(paths, meta["size"], meta["channels"]))[0]
+    want = {sigma: smooth_maps(maps, sigma).reshape(len(paths), -1).max(1) for sigma in (0.0, 1.5)}
+    for flag, expect in ((None, want[1.5]), (0.0, want[0.0])):  # default: as 'test' did
+        res = CliRunner().invoke(main, ["predict", run, *paths, "--out", str(tmp_path / f"p{flag}"),
+                                        "--device", "cpu"] + ([] if flag is None else ["--smooth", "0"]))
+        assert res.exit_code == 0, res.output
+        with open(tmp_path / f"p{flag}" / "scores.csv") as fh:
+            got = np.array([float(row.split(",")[1]) for row in fh.read().splitlines()[1:]])
+        np.testing.assert_allclose(got, expect, atol=1e-6)
+    assert np.abs(want[0.0] - want[1.5]).min() > 1e-5  # the check above can tell them apart
+
+
 def test_bad_inputs_to_test_and_predict(tiny_run, tmp_path):
     r = CliRunner()
     run, data = str(tiny_run / "run"), tiny_run / "data"
