@@ -40,24 +40,16 @@ def _test(run: str, work: str, prefix: str, args, seconds: dict) -> tuple[dict, 
     """Test the run: its report, plus {"metrics_tta": ...} under --tta and {"metrics_smooth": ...}
     under --smooth; stages timed into ``seconds``."""
     from fractalad.evaluate import test_run
-    t = time.perf_counter()
-    report = test_run(run, args.data, os.path.join(work, prefix + "test"), device=args.device,
-                      n_overlays=4, pixel_resolution=args.pixel_resolution)
-    seconds[prefix + "test"] = time.perf_counter() - t
-    extra = {}
-    if args.tta:
+    variants = [("", {})] + [("_tta", {"tta": True})] * args.tta \
+        + [("_smooth", {"smooth": args.smooth})] * bool(args.smooth)
+    reports = {}
+    for suffix, options in variants:
         t = time.perf_counter()
-        tta = test_run(run, args.data, os.path.join(work, prefix + "test_tta"), device=args.device,
-                       n_overlays=4, pixel_resolution=args.pixel_resolution, tta=True)
-        seconds[prefix + "test_tta"] = time.perf_counter() - t
-        extra["metrics_tta"] = _rounded(tta["metrics"])
-    if args.smooth:
-        t = time.perf_counter()
-        smooth = test_run(run, args.data, os.path.join(work, prefix + "test_smooth"), device=args.device,
-                          n_overlays=4, pixel_resolution=args.pixel_resolution, smooth=args.smooth)
-        seconds[prefix + "test_smooth"] = time.perf_counter() - t
-        extra["metrics_smooth"] = _rounded(smooth["metrics"])
-    return report, extra
+        reports[suffix] = test_run(run, args.data, os.path.join(work, prefix + "test" + suffix),
+                                   device=args.device, n_overlays=4,
+                                   pixel_resolution=args.pixel_resolution, **options)
+        seconds[prefix + "test" + suffix] = time.perf_counter() - t
+    return reports[""], {"metrics" + k: _rounded(r["metrics"]) for k, r in reports.items() if k}
 
 
 def main(argv=None):

@@ -283,9 +283,8 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
             with open(tpath) as fh:
                 thresholds.update(json.load(fh))
         thresholds.setdefault("pixel", thresholds["image"])
-    saved_tta, saved_smooth = bool(thresholds.pop("tta", False)), float(thresholds.pop("smooth", 0.0))
-    tta = saved_tta if tta is None else tta
-    smooth = saved_smooth if smooth is None else smooth
+    tta = bool(thresholds.get("tta", False)) if tta is None else tta
+    smooth = float(thresholds.get("smooth", 0.0)) if smooth is None else smooth
     os.makedirs(os.path.join(out, "heatmap"), exist_ok=True)
     os.makedirs(os.path.join(out, "mask"), exist_ok=True)
     size, ch = meta["size"], meta["channels"]

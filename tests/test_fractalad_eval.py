@@ -189,8 +189,7 @@ def test_flip_averaged_maps_and_the_thresholds_that_remember_them(tiny_run, tmp_
 
 def test_smoothed_maps_and_the_thresholds_that_remember_them(tiny_run, tmp_path):
     import shutil
-    from fractalad.evaluate import (anomaly_maps, load_run, predict, preprocess, read_test_set,
-                                    smooth_maps, test_run)
+    from fractalad.evaluate import anomaly_maps, load_run, preprocess, read_test_set, smooth_maps, test_run
     impulse = np.zeros((1, 33, 33), np.float32)
     impulse[0, 16, 16] = 1.0
     blurred = smooth_maps(impulse, 2.0)[0]
