@@ -37,11 +37,12 @@ def _rounded(metrics: dict) -> dict:
 
 
 def _test(run: str, work: str, prefix: str, args, seconds: dict) -> tuple[dict, dict]:
-    """Test the run: its report, plus {"metrics_tta": ...} under --tta and {"metrics_smooth": ...}
-    under --smooth; stages timed into ``seconds``."""
+    """Test the run: its report, plus {"metrics_tta": ...} under --tta, {"metrics_smooth": ...}
+    under --smooth and {"metrics_combined": ...} under --combined; stages timed into ``seconds``."""
     from fractalad.evaluate import test_run
     variants = [("", {})] + [("_tta", {"tta": True})] * args.tta \
-        + [("_smooth", {"smooth": args.smooth})] * bool(args.smooth)
+        + [("_smooth", {"smooth": args.smooth})] * bool(args.smooth) \
+        + [("_combined", {"map_kind": "combined"})] * args.combined
     reports = {}
     for suffix, options in variants:
         t = time.perf_counter()
@@ -88,6 +89,8 @@ def main(argv=None):
                     help="score pixels at the model's size or each image's own")
     ap.add_argument("--smooth", type=float, default=0.0,
                     help="also test with maps smoothed by this Gaussian sigma (metrics_smooth)")
+    ap.add_argument("--combined", action="store_true",
+                    help="also test with the combined head + student-teacher map (metrics_combined)")
     ap.add_argument("--tta", action="store_true",
                     help="also test with flip-averaged maps (metrics_tta)")
     ap.add_argument("--cuda-graph", action="store_true", help="capture the training step (fit --cuda-graph)")

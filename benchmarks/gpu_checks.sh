@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# Every GPU check in one run (device tool), most important first: the CUDA-graph tests; the
-# Magnetic Tile pipeline with the small-defects options on twice the paper schedule plus a
-# cool-down, fractal against rectangle masks, on a second seed; the CPU's 128 px recipe; the
-# Lite0 distillation step's speed in fp32, where its time goes, and compiled (earlier results:
-# docs/results/h100_*.json). The first three need ~8 min; the rest fits a second call on the
-# still-warm machine (skip the done checks with SKIP="name ...").
+# Every GPU check in one run (device tool), most important first: the Magnetic Tile pipeline
+# with the small-defects options on twice the paper schedule plus a cool-down, fractal against
+# rectangle masks, on a second seed, each tested with the head's map and the combined map; the
+# CPU's 128 px recipe; the CUDA-graph tests (passed in session 9, graph code unchanged since);
+# the Lite0 distillation step's speed in fp32, where its time goes, and compiled (earlier
+# results: docs/results/h100_*.json). The first two need ~9.5 min; the rest fits a second call
+# on the still-warm machine (skip the done checks with SKIP="name ...").
 # Needs .gpu/lite0.pth and .gpu/magnetic_tile (carried, git-ignored).
 # Results: one JSON line per check on stdout and in $OUT/*.json. BUDGET (s, default 540) caps
 # the whole script: a check starts only with >= 60 s left and gets at most LIMIT (s) or what
 # is left. A Lite0 distillation run on the paper schedule takes ~110 s on an H100 eager
 # (fit 83 s, test 19 s); with --cuda-graph (~1,200 samples/s) twice the schedule plus a
-# cool-down of a quarter took 3.5 min in session 9 (startup and Numba compilation included).
+# cool-down of a quarter took 3.5 min in session 9 (startup and Numba compilation included);
+# --combined adds a calibrated test after each fit (~30 s each at 256 px).
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NUMBA_CACHE_DIR=/tmp/numba
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-DEV=${DEV:-cuda}; W=${W:-4}; SIZE=${SIZE:-256}; BUDGET=${BUDGET:-540}; LIMIT=${LIMIT:-200}
+DEV=${DEV:-cuda}; W=${W:-4}; SIZE=${SIZE:-256}; BUDGET=${BUDGET:-580}; LIMIT=${LIMIT:-200}
 MTD_STEPS=${MTD_STEPS:-}   # empty: the paper schedule
 FIT_STEPS=${FIT_STEPS:-150}
 extra=(); [ -n "$MTD_STEPS" ] && extra=(--steps "$MTD_STEPS")
@@ -29,7 +31,6 @@ run() {
   timeout $((left < LIMIT ? left : LIMIT)) "$@" 2>"/tmp/$name.err" | tail -n 1 | tee "$OUT/$name.json"
   tail -n 3 "/tmp/$name.err"
 }
-run tests_cuda python3 -m pytest -q -p no:cacheprovider tests/test_fractalad_train.py -k "cuda_graph or rebuild" --tb=short
 fit=(python3 benchmarks/bench_fit.py --batch-size 32 --size "$SIZE" --device "$DEV" --steps "$FIT_STEPS" --workers "$W" --normals .gpu/magnetic_tile/train/good)
 lite=("${fit[@]}" --backbone efficientnet_lite0)
 # session 9, 256 px, seed 0, twice the schedule + a cool-down (about 3.5 min each, captured):
@@ -38,12 +39,13 @@ lite=("${fit[@]}" --backbone efficientnet_lite0)
 mtd=(python3 benchmarks/bench_mtd.py --data .gpu/magnetic_tile --weights .gpu/lite0.pth --device "$DEV" --workers "$W" --size "$SIZE" "${extra[@]}")
 small=(--region 0-1 --content same=0.5,noise=0.25,fractal=0.25 --cut-scale 0.03-0.5)
 long=(--epochs 200 --cooldown-steps 611 --seed 1)
-LIMIT=240 run mtd_small_fractal_kd_e200_s1 "${mtd[@]}" "${small[@]}" "${long[@]}" --cuda-graph
+LIMIT=290 run mtd_small_fractal_kd_e200_s1 "${mtd[@]}" "${small[@]}" "${long[@]}" --combined --cuda-graph
 graph=(--cuda-graph); grep -q Traceback /tmp/mtd_small_fractal_kd_e200_s1.err && graph=()  # a failure, not a timeout
-LIMIT=240 run mtd_small_rectangle_kd_e200_s1 "${mtd[@]}" "${small[@]}" "${long[@]}" --mask-source rectangle "${graph[@]}"
+LIMIT=290 run mtd_small_rectangle_kd_e200_s1 "${mtd[@]}" "${small[@]}" "${long[@]}" --combined --mask-source rectangle "${graph[@]}"
 # 128 px scored higher image_AUROC on the CPU (0.93-0.94 with the cool-down) than 256 px on the
 # H100 (0.89-0.90): the CPU recipe (batch 16, 2,444 steps + 611 decaying) on the GPU, seed 0
-LIMIT=150 run mtd_small_fractal_kd_128px "${mtd[@]}" "${small[@]}" --size 128 --batch-size 16 --steps 2444 --cooldown-steps 611 "${graph[@]}"
+LIMIT=180 run mtd_small_fractal_kd_128px "${mtd[@]}" "${small[@]}" --size 128 --batch-size 16 --steps 2444 --cooldown-steps 611 --combined "${graph[@]}"
+run tests_cuda python3 -m pytest -q -p no:cacheprovider tests/test_fractalad_train.py -k "cuda_graph or rebuild" --tb=short
 # session 5: ResNet-18 + graph 1,905 samples/s (ratio 0.98), Lite0 + distillation + graph 1,216;
 # session 9: NCHW 636 (channels_last stays). fp32 and the profile ran out of 60 s slots there.
 LIMIT=100 run fit_lite0_graph_fp32 "${lite[@]}" --cuda-graph --fp32

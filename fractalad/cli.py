@@ -115,12 +115,15 @@ def _resumed_settings(out: str, given: dict) -> dict:
 @click.option("--smooth", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Gaussian sigma (pixels at the model's input size) on each map before scoring; "
                    "PatchCore-style: 4 at 256 px.")
+@click.option("--map", "map_kind", type=click.Choice(["head", "combined"]), default="head",
+              show_default=True, help="The head's map (the paper), or head and student-teacher maps "
+                                      "averaged, each scaled on DATA/train/good (distillation runs).")
 @_fail_cleanly
-def test(run_dir, data, out, device, overlays, pixel_resolution, tta, smooth):
+def test(run_dir, data, out, device, overlays, pixel_resolution, tta, smooth, map_kind):
     """Metrics (image_AUROC, pixel_AUROC, AUPRO, F1Max) per defect type, and overlays."""
     from .evaluate import format_table, test_run
     report = test_run(run_dir, data, out, device, overlays, pixel_resolution=pixel_resolution, tta=tta,
-                      smooth=smooth)
+                      smooth=smooth, map_kind=map_kind)
     click.echo(format_table(report["metrics"]))
     click.echo(f"{report['n_images']} images, {report['images_per_s']:.1f} images/s on "
                f"{report['device']}")
@@ -137,11 +140,14 @@ def test(run_dir, data, out, device, overlays, pixel_resolution, tta, smooth):
               help="Flip-averaged maps (default: as 'test' did for the saved thresholds).")
 @click.option("--smooth", type=click.FloatRange(min=0), default=None,
               help="Gaussian sigma on each map (default: as 'test' did for the saved thresholds).")
+@click.option("--map", "map_kind", type=click.Choice(["head", "combined"]), default=None,
+              help="Which map (default: as 'test' did for the saved thresholds).")
 @_fail_cleanly
-def predict(run_dir, paths, out, threshold, device, tta, smooth):
+def predict(run_dir, paths, out, threshold, device, tta, smooth, map_kind):
     """Scores, heatmaps and binary masks for images or folders."""
     from .evaluate import predict as run
-    click.echo(f"wrote {run(run_dir, paths, out, threshold, device, tta=tta, smooth=smooth)}")
+    csv_path = run(run_dir, paths, out, threshold, device, tta=tta, smooth=smooth, map_kind=map_kind)
+    click.echo(f"wrote {csv_path}")
 
 
 @main.command()

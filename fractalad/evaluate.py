@@ -11,7 +11,7 @@ import csv
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import cv2
 import numpy as np
@@ -110,22 +110,49 @@ def preprocess(paths, size: int, channels: int, sizes: list | None = None) -> np
 
 
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both
+MAP_KINDS = ("head", "combined")
+NORM_QUANTILES = (0.9, 0.995)
+CALIBRATION_IMAGES = 200
 
 
-def flip_averaged_map(model: FractalAD, x: torch.Tensor) -> torch.Tensor:
-    """Mean of the maps of ``x`` and of its horizontal, vertical and double flips, flipped back."""
-    total = model.anomaly_map(x)
+def flip_averaged_map(map_fn, x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``map_fn`` on ``x`` and on its horizontal, vertical and double flips, flipped back."""
+    total = map_fn(x)
     for dims in FLIPS[1:]:
-        total = total + model.anomaly_map(x.flip(dims)).flip(dims)
+        total = total + map_fn(x.flip(dims)).flip(dims)
     return total / len(FLIPS)
 
 
+@dataclass(frozen=True)
+class MapNorm:
+    """The 0.9 and 0.995 quantiles of normal images' head and student-teacher maps.
+
+    ``combine`` puts both maps on one scale (0 at the 0.9 quantile, 0.5 at the 0.995 one) and
+    averages them, as EfficientAD merges its two maps; see docs/magnetic_tile.md for why.
+    """
+
+    head: tuple
+    student: tuple
+
+    @classmethod
+    def from_normals(cls, pairs: np.ndarray) -> "MapNorm":
+        """The quantiles of map pairs [N, 2, S, S] of normal images."""
+        return cls(*(tuple(float(q) for q in np.quantile(pairs[:, i], NORM_QUANTILES)) for i in (0, 1)))
+
+    def combine(self, pairs: np.ndarray) -> np.ndarray:
+        """Map pairs [N, 2, S, S] -> combined maps [N, S, S] (float32)."""
+        (h0, h1), (s0, s1) = self.head, self.student
+        head = (pairs[:, 0] - h0) / max(h1 - h0, 1e-12)
+        student = (pairs[:, 1] - s0) / max(s1 - s0, 1e-12)
+        return (0.25 * (head + student)).astype(np.float32)
+
+
 @torch.no_grad()
-def anomaly_maps(model: FractalAD, images_u8: np.ndarray, batch_size: int = 32, tta: bool = False):
-    """(maps float32 [N, S, S], images/s) for uint8 [N, C, S, S] images; float32 throughout,
-    since bf16 maps tie many pixel scores and bias the pixel metrics. ``tta``: flip-averaged."""
+def _batched_maps(model: FractalAD, images_u8: np.ndarray, batch_size: int, tta: bool, pair: bool):
+    """(maps float32 [N, C, S, S], images/s): C = 2 (head, student-teacher) with ``pair``, else 1."""
     device = next(model.parameters()).device
-    map_fn = (lambda x: flip_averaged_map(model, x)) if tta else model.anomaly_map
+    base = model.map_pair if pair else model.anomaly_map
+    map_fn = (lambda x: flip_averaged_map(base, x)) if tta else base
     out = []
     map_fn(torch.from_numpy(images_u8[:1]).to(device).float() / 255)  # warm-up
     if device.type == "cuda":
@@ -133,9 +160,37 @@ def anomaly_maps(model: FractalAD, images_u8: np.ndarray, batch_size: int = 32, 
     t = time.perf_counter()
     for s in range(0, len(images_u8), batch_size):
         x = torch.from_numpy(images_u8[s:s + batch_size]).to(device).float() / 255
-        out.append(map_fn(x)[:, 0].cpu().numpy())
+        out.append(map_fn(x).cpu().numpy())
     dt = time.perf_counter() - t
     return np.concatenate(out), len(images_u8) / max(dt, 1e-9)
+
+
+def anomaly_maps(model: FractalAD, images_u8: np.ndarray, batch_size: int = 32, tta: bool = False,
+                 norm: MapNorm | None = None):
+    """(maps float32 [N, S, S], images/s) for uint8 [N, C, S, S] images; float32 throughout,
+    since bf16 maps tie many pixel scores and bias the pixel metrics. ``tta``: flip-averaged;
+    ``norm``: the combined head + student-teacher map instead of the head's."""
+    maps, ips = _batched_maps(model, images_u8, batch_size, tta, pair=norm is not None)
+    return (norm.combine(maps) if norm is not None else maps[:, 0]), ips
+
+
+def fit_map_norm(model: FractalAD, normals_u8: np.ndarray, batch_size: int = 32,
+                 tta: bool = False) -> MapNorm:
+    """The MapNorm of uint8 normal images [N, C, S, S] (distillation runs only)."""
+    return MapNorm.from_normals(_batched_maps(model, normals_u8, batch_size, tta, pair=True)[0])
+
+
+def calibration_images(data: str, size: int, channels: int, limit: int = CALIBRATION_IMAGES):
+    """Up to ``limit`` images of DATA/train/good, evenly spaced in name order, prepared."""
+    folder = os.path.join(data, "train", "good")
+    if not os.path.isdir(folder):
+        raise ImageError(f"{folder}: missing; --map combined calibrates on the normal training "
+                         "images of an MVTec-layout folder")
+    paths = sorted(list_images(folder, recursive=False))
+    if not paths:
+        raise ImageError(f"{folder}: no images inside; --map combined needs normal images there")
+    pick = np.unique(np.linspace(0, len(paths) - 1, min(limit, len(paths))).round().astype(int))
+    return preprocess([paths[i] for i in pick], size, channels)
 
 
 def smooth_maps(maps: np.ndarray, sigma: float) -> np.ndarray:
@@ -191,27 +246,37 @@ def _ground_truth(mask_path, shape) -> np.ndarray:
 
 def test_run(run_dir: str, data: str, out: str | None = None, device: str = "auto",
              n_overlays: int = 8, batch_size: int = 32, pixel_resolution: str = "model",
-             tta: bool = False, smooth: float = 0.0) -> dict:
+             tta: bool = False, smooth: float = 0.0, map_kind: str = "head") -> dict:
     """Score the test set: metrics.json, a table, thresholds, overlays of worst / best cases.
 
     ``pixel_resolution``: 'model' scores pixels at the model's input size; 'original' upsamples
     each map to its image's own size (MVTec's convention; slower on large images). ``tta``:
     average each map with those of the image's flips (4x the inference). ``smooth``: Gaussian
     sigma (pixels at the model's input size) applied to each map before any score, as
-    PatchCore-style methods do (sigma 4 at 256 px); the paper: 0. The thresholds saved for
-    ``predict`` remember both.
+    PatchCore-style methods do (sigma 4 at 256 px); the paper: 0. ``map_kind``: 'head' (the
+    paper's map) or 'combined' (head and student-teacher maps averaged, each first scaled by its
+    quantiles on up to 200 images of DATA/train/good; distillation runs only). The thresholds
+    saved for ``predict`` remember all three.
     """
     if pixel_resolution not in ("model", "original"):
         raise ValueError(f"pixel_resolution must be 'model' or 'original', got {pixel_resolution!r}")
+    if map_kind not in MAP_KINDS:
+        raise ValueError(f"map_kind must be one of {MAP_KINDS}, got {map_kind!r}")
     model, meta = load_run(run_dir, device)
+    if map_kind == "combined" and not model.kd:
+        raise RunError(f"{run_dir}: trained without distillation, so it has no student-teacher map; "
+                       "use --map head")
     ts = read_test_set(data)
     out = out or os.path.join(run_dir, "test")
     os.makedirs(out, exist_ok=True)
     size, ch = meta["size"], meta["channels"]
     t0 = time.perf_counter()
+    norm = None
+    if map_kind == "combined":
+        norm = fit_map_norm(model, calibration_images(data, size, ch), batch_size, tta)
     sizes = []
     images = preprocess(ts.paths, size, ch, sizes)
-    maps, ips = anomaly_maps(model, images, batch_size, tta)
+    maps, ips = anomaly_maps(model, images, batch_size, tta, norm)
     maps = smooth_maps(maps, smooth)
     smax, smean = maps.reshape(len(maps), -1).max(1), maps.reshape(len(maps), -1).mean(1)
     if pixel_resolution == "model":
@@ -228,14 +293,16 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
         pixel = ([px_maps[i] for i in px], [gts[i] for i in px]) \
             if (ts.labels[px] == 1).any() else (None, None)
         results[t] = detection_metrics(smax[sel], smean[sel], ts.labels[sel], *pixel)
-    thresholds = {"image": results["all"]["image_threshold"], "tta": tta, "smooth": smooth}
+    thresholds = {"image": results["all"]["image_threshold"], "tta": tta, "smooth": smooth,
+                  "map": map_kind, "map_norm": None if norm is None else asdict(norm)}
     if "pixel_threshold" in results["all"]:
         thresholds["pixel"] = results["all"]["pixel_threshold"]
     report = {"metrics": results, "thresholds": thresholds, "images_per_s": ips,
               "device": str(next(model.parameters()).device), "n_images": len(ts.paths),
               "seconds": time.perf_counter() - t0, "data": os.path.abspath(data),
               "image_score": "max of the map (image_*_mean: mean of the map)",
-              "pixel_resolution": pixel_resolution, "tta": tta, "smooth": smooth}
+              "pixel_resolution": pixel_resolution, "tta": tta, "smooth": smooth,
+              "map": map_kind, "map_norm": thresholds["map_norm"]}
     with open(os.path.join(out, "metrics.json"), "w") as fh:
         json.dump(report, fh, indent=1)
     with open(os.path.join(run_dir, "thresholds.json"), "w") as fh:
@@ -255,16 +322,30 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
     return report
 
 
+def _saved_thresholds(run_dir: str) -> dict:
+    """What the last ``test`` saved in RUN_DIR/thresholds.json ({} before any test)."""
+    path = os.path.join(run_dir, "thresholds.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as fh:
+            return dict(json.load(fh))
+    except (ValueError, TypeError):
+        raise RunError(f"{path}: unreadable; delete it and re-run 'fractalad test'") from None
+
+
 def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
             device: str = "auto", batch_size: int = 32, tta: bool | None = None,
-            smooth: float | None = None) -> str:
+            smooth: float | None = None, map_kind: str | None = None) -> str:
     """Heatmaps, binary masks and a scores.csv for images or folders; returns the CSV path.
 
     Thresholds: ``threshold`` for both decisions, else the F1Max thresholds ``test`` saved
-    (image: max of the map; pixel: the mask), else 0.5. ``tta`` (flip-averaged maps) and
-    ``smooth`` (Gaussian sigma) default to what ``test`` used for the saved thresholds, since
-    they only hold for such maps.
+    (image: max of the map; pixel: the mask), else 0.5. ``tta`` (flip-averaged maps), ``smooth``
+    (Gaussian sigma) and ``map_kind`` default to what ``test`` used for the saved thresholds,
+    since they only hold for such maps; 'combined' needs the scales ``test --map combined`` saved.
     """
+    if map_kind is not None and map_kind not in MAP_KINDS:
+        raise ValueError(f"map_kind must be one of {MAP_KINDS}, got {map_kind!r}")
     model, meta = load_run(run_dir, device)
     paths = []
     for p in inputs:
@@ -274,17 +355,21 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
             paths.append(p)
         else:
             raise ImageError(f"{p}: no such file or folder")
+    saved = _saved_thresholds(run_dir)
     if threshold is not None:
         thresholds = {"image": threshold, "pixel": threshold}
     else:
-        tpath = os.path.join(run_dir, "thresholds.json")
-        thresholds = {"image": 0.5, "pixel": 0.5}
-        if os.path.isfile(tpath):
-            with open(tpath) as fh:
-                thresholds.update(json.load(fh))
+        thresholds = {"image": 0.5, "pixel": 0.5, **saved}
         thresholds.setdefault("pixel", thresholds["image"])
-    tta = bool(thresholds.get("tta", False)) if tta is None else tta
-    smooth = float(thresholds.get("smooth", 0.0)) if smooth is None else smooth
+    tta = bool(saved.get("tta", False)) if tta is None else tta
+    smooth = float(saved.get("smooth", 0.0)) if smooth is None else smooth
+    map_kind = saved.get("map", "head") if map_kind is None else map_kind
+    norm = None
+    if map_kind == "combined":
+        if not saved.get("map_norm"):
+            raise RunError(f"{run_dir}: no saved scales for the combined map; run 'fractalad test "
+                           f"{run_dir} --data DIR --map combined' first")
+        norm = MapNorm(**{k: tuple(v) for k, v in saved["map_norm"].items()})
     os.makedirs(os.path.join(out, "heatmap"), exist_ok=True)
     os.makedirs(os.path.join(out, "mask"), exist_ok=True)
     size, ch = meta["size"], meta["channels"]
@@ -297,7 +382,7 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
             chunk = paths[s:s + batch_size]
             sizes = []
             imgs = preprocess(chunk, size, ch, sizes)
-            maps = smooth_maps(anomaly_maps(model, imgs, batch_size, tta)[0], smooth)
+            maps = smooth_maps(anomaly_maps(model, imgs, batch_size, tta, norm)[0], smooth)
             for p, img, m, (h0, w0) in zip(chunk, imgs.transpose(0, 2, 3, 1), maps, sizes):
                 stem = os.path.splitext(os.path.basename(p))[0]
                 full = cv2.resize(m, (w0, h0), interpolation=cv2.INTER_LINEAR)

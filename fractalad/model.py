@@ -36,6 +36,13 @@ def cosine_attention(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return (a * s).detach()
 
 
+def student_teacher_map(teacher_feats, student_feats, size) -> torch.Tensor:
+    """Mean over stages of the cosine distance, each upsampled to ``size``: [B, 1, H, W]."""
+    maps = [F.interpolate(cosine_distance(t, s).unsqueeze(1).float(), size=size, mode="bilinear",
+                          align_corners=False) for t, s in zip(teacher_feats, student_feats)]
+    return sum(maps) / len(maps)
+
+
 def distillation_loss(teacher_feats, student_feats) -> torch.Tensor:
     """Sum over stages of the mean cosine distance."""
     return sum(cosine_distance(t, s).mean() for t, s in zip(teacher_feats, student_feats))
@@ -159,6 +166,16 @@ class FractalAD(nn.Module):
     def anomaly_map(self, images: torch.Tensor) -> torch.Tensor:
         """sigmoid of the logits: per-pixel anomaly probability (float32)."""
         return torch.sigmoid(self(images).float())
+
+    def map_pair(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 2, H, W] float32: the head's map (sigmoid) and the student-teacher map."""
+        if not self.kd:
+            raise ValueError("the student-teacher map needs a distillation run (this one has no student)")
+        with torch.no_grad():
+            t = self.teacher(images)
+        s = self.student(images)
+        logits = self.head(self.head_features(t, s), images.shape[-2:])
+        return torch.cat([torch.sigmoid(logits.float()), student_teacher_map(t, s, images.shape[-2:])], 1)
 
     def training_losses(self, normal: torch.Tensor, anomalous: torch.Tensor, mask: torch.Tensor):
         """(total, distillation, segmentation) losses of one batch."""

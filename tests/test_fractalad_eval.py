@@ -167,10 +167,10 @@ def test_flip_averaged_maps_and_the_thresholds_that_remember_them(tiny_run, tmp_
     model, meta = load_run(run, "cpu")
     x = torch.rand(3, meta["channels"], meta["size"], meta["size"])
     with torch.no_grad():
-        plain, avg = model.anomaly_map(x), flip_averaged_map(model, x)
+        plain, avg = model.anomaly_map(x), flip_averaged_map(model.anomaly_map, x)
         for dims in ((-1,), (-2,)):  # the averaged map follows a flip exactly; the plain one does not
             assert not torch.allclose(model.anomaly_map(x.flip(dims)), plain.flip(dims), atol=1e-4)
-            assert torch.allclose(flip_averaged_map(model, x.flip(dims)), avg.flip(dims), atol=1e-6)
+            assert torch.allclose(flip_averaged_map(model.anomaly_map, x.flip(dims)), avg.flip(dims), atol=1e-6)
     report = test_run(run, data, str(tmp_path / "t"), "cpu", 0, tta=True)
     assert report["tta"] is True
     assert json.load(open(os.path.join(run, "thresholds.json")))["tta"] is True
@@ -214,6 +214,53 @@ def test_smoothed_maps_and_the_thresholds_that_remember_them(tiny_run, tmp_path)
             got = np.array([float(row.split(",")[1]) for row in fh.read().splitlines()[1:]])
         np.testing.assert_allclose(got, expect, atol=1e-6)
     assert np.abs(want[0.0] - want[1.5]).min() > 1e-5  # the check above can tell them apart
+
+
+def test_combined_maps_scale_head_and_student_teacher_maps_on_normals(tiny_run, tmp_path):
+    from fractalad.evaluate import (MapNorm, anomaly_maps, calibration_images, fit_map_norm, load_run,
+                                    preprocess, read_test_set, test_run)
+    from fractalad.model import FractalAD, student_teacher_map
+    t = [torch.randn(2, 5, 4, 4), torch.randn(2, 7, 2, 2)]
+    assert student_teacher_map(t, [f * 3 for f in t], (8, 8)).abs().max() < 1e-5  # same direction
+    torch.testing.assert_close(student_teacher_map(t, [-f for f in t], (8, 8)), torch.full((2, 1, 8, 8), 2.0))
+    torch.testing.assert_close(student_teacher_map(t, [t[0], -t[1]], (8, 8)), torch.ones(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="distillation"):
+        FractalAD(kd=False, pretrained=False).map_pair(torch.rand(1, 3, 32, 32))
+    pairs = np.random.default_rng(0).random((6, 2, 8, 8)) * np.array([1.0, 5.0])[None, :, None, None]
+    norm = MapNorm.from_normals(pairs)
+    assert norm.student[1] > 4 > 1 > norm.head[1] > norm.head[0]
+    at = lambda q: np.array([norm.head[q], norm.student[q]])[None, :, None, None] * np.ones((1, 2, 3, 3))
+    np.testing.assert_allclose(norm.combine(at(0)), 0.0, atol=1e-6)  # both at their 0.9 quantile
+    np.testing.assert_allclose(norm.combine(at(1)), 0.5, atol=1e-6)  # both at their 0.995 quantile
+
+    run, data = str(tmp_path / "run"), str(tiny_run / "data")
+    shutil.copytree(tiny_run / "run", run)
+    report = test_run(run, data, str(tmp_path / "t"), "cpu", 0, map_kind="combined")
+    saved = json.load(open(os.path.join(run, "thresholds.json")))
+    assert report["map"] == saved["map"] == "combined"
+    model, meta = load_run(run, "cpu")
+    size, ch = meta["size"], meta["channels"]
+    expect_norm = fit_map_norm(model, calibration_images(data, size, ch))
+    assert MapNorm(**{k: tuple(v) for k, v in saved["map_norm"].items()}) == expect_norm
+    paths = read_test_set(data).paths[:6]
+    imgs = preprocess(paths, size, ch)
+    want = {"combined": anomaly_maps(model, imgs, norm=expect_norm)[0].reshape(6, -1).max(1),
+            "head": anomaly_maps(model, imgs)[0].reshape(6, -1).max(1)}
+    assert np.abs(want["combined"] - want["head"]).min() > 1e-5
+    for flag, expect in ((None, want["combined"]), ("head", want["head"])):  # default: as 'test' did
+        res = CliRunner().invoke(main, ["predict", run, *paths, "--out", str(tmp_path / f"p{flag}"),
+                                        "--device", "cpu"] + ([] if flag is None else ["--map", flag]))
+        assert res.exit_code == 0, res.output
+        with open(tmp_path / f"p{flag}" / "scores.csv") as fh:
+            got = np.array([float(row.split(",")[1]) for row in fh.read().splitlines()[1:]])
+        np.testing.assert_allclose(got, expect, atol=1e-5)
+    os.remove(os.path.join(run, "thresholds.json"))
+    res = CliRunner().invoke(main, ["predict", run, *paths, "--out", str(tmp_path / "p"), "--map", "combined"])
+    assert res.exit_code == 2 and "--map combined' first" in res.output
+    no_train = tmp_path / "no_train"
+    shutil.copytree(data, no_train, ignore=shutil.ignore_patterns("train"))
+    res = CliRunner().invoke(main, ["test", run, "--data", str(no_train), "--map", "combined", "--device", "cpu"])
+    assert res.exit_code == 2 and "train/good: missing" in res.output.replace(os.sep, "/")
 
 
 def test_bad_inputs_to_test_and_predict(tiny_run, tmp_path):
