@@ -154,11 +154,13 @@ def predict(run_dir, paths, out, threshold, device, tta, smooth, map_kind):
 @click.argument("run_dir", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), required=True)
 @click.option("--out", type=click.Path(), required=True)
+@click.option("--map", "map_kind", type=click.Choice(["head", "combined"]), default="head",
+              show_default=True, help="combined: with the scales 'test --map combined' saved.")
 @_fail_cleanly
-def export(run_dir, fmt, out):
+def export(run_dir, fmt, out, map_kind):
     """Export the anomaly-map model as ONNX or TorchScript."""
     from .export import export_run
-    click.echo(f"wrote {export_run(run_dir, fmt, out)}")
+    click.echo(f"wrote {export_run(run_dir, fmt, out, map_kind=map_kind)}")
 
 
 @main.command()

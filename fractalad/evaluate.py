@@ -334,6 +334,15 @@ def _saved_thresholds(run_dir: str) -> dict:
         raise RunError(f"{path}: unreadable; delete it and re-run 'fractalad test'") from None
 
 
+def saved_map_norm(run_dir: str) -> MapNorm:
+    """The MapNorm ``test --map combined`` saved for the run (a RunError if there is none)."""
+    saved = _saved_thresholds(run_dir).get("map_norm")
+    if not saved:
+        raise RunError(f"{run_dir}: no saved scales for the combined map; run 'fractalad test "
+                       f"{run_dir} --data DIR --map combined' first")
+    return MapNorm(**{k: tuple(v) for k, v in saved.items()})
+
+
 def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
             device: str = "auto", batch_size: int = 32, tta: bool | None = None,
             smooth: float | None = None, map_kind: str | None = None) -> str:
@@ -364,12 +373,7 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
     tta = bool(saved.get("tta", False)) if tta is None else tta
     smooth = float(saved.get("smooth", 0.0)) if smooth is None else smooth
     map_kind = saved.get("map", "head") if map_kind is None else map_kind
-    norm = None
-    if map_kind == "combined":
-        if not saved.get("map_norm"):
-            raise RunError(f"{run_dir}: no saved scales for the combined map; run 'fractalad test "
-                           f"{run_dir} --data DIR --map combined' first")
-        norm = MapNorm(**{k: tuple(v) for k, v in saved["map_norm"].items()})
+    norm = saved_map_norm(run_dir) if map_kind == "combined" else None
     os.makedirs(os.path.join(out, "heatmap"), exist_ok=True)
     os.makedirs(os.path.join(out, "mask"), exist_ok=True)
     size, ch = meta["size"], meta["channels"]

@@ -1,31 +1,43 @@
-"""Export a trained run as ONNX or TorchScript: uint8-free float input [B, C, S, S] in [0, 1],
-output the anomaly map (sigmoid) [B, 1, S, S]."""
+"""Export a trained run as ONNX or TorchScript: float input [B, C, S, S] in [0, 1], output the
+anomaly map [B, 1, S, S]: the head's sigmoid, or the combined map ``test --map combined`` scaled."""
 from __future__ import annotations
 
 import os
 
 import torch
 
-from .evaluate import load_run
+from .evaluate import MapNorm, load_run, saved_map_norm
 
 
 class AnomalyMapModel(torch.nn.Module):
-    """images in [0, 1] -> per-pixel anomaly probability."""
+    """images in [0, 1] -> the head's anomaly probability, or with ``norm`` the combined map."""
 
-    def __init__(self, model):
+    def __init__(self, model, norm: MapNorm | None = None):
         super().__init__()
         self.model = model
+        self.combined = norm is not None
+        if norm is not None:  # the same arithmetic as MapNorm.combine, in torch
+            lo = [norm.head[0], norm.student[0]]
+            span = [max(norm.head[1] - norm.head[0], 1e-12), max(norm.student[1] - norm.student[0], 1e-12)]
+            self.register_buffer("lo", torch.tensor(lo).view(1, 2, 1, 1))
+            self.register_buffer("span", torch.tensor(span).view(1, 2, 1, 1))
 
     def forward(self, images):
-        return self.model.anomaly_map(images)
+        if not self.combined:
+            return self.model.anomaly_map(images)
+        return 0.25 * ((self.model.map_pair(images) - self.lo) / self.span).sum(1, keepdim=True)
 
 
-def export_run(run_dir: str, fmt: str, out: str, batch_size: int = 1) -> str:
-    """Write ``out`` in ``fmt`` ('onnx' or 'torchscript'); returns the path."""
+def export_run(run_dir: str, fmt: str, out: str, batch_size: int = 1, map_kind: str = "head") -> str:
+    """Write ``out`` in ``fmt`` ('onnx' or 'torchscript'); returns the path.
+
+    ``map_kind`` 'combined' bakes in the scales ``test --map combined`` saved for the run.
+    """
     if fmt not in ("onnx", "torchscript"):
         raise ValueError(f"unknown format {fmt!r}; choose onnx or torchscript")
     model, meta = load_run(run_dir, "cpu")
-    wrapper = AnomalyMapModel(model).eval()
+    norm = saved_map_norm(run_dir) if map_kind == "combined" else None
+    wrapper = AnomalyMapModel(model, norm).eval()
     example = torch.rand(batch_size, meta["channels"], meta["size"], meta["size"])
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with torch.no_grad():

@@ -254,9 +254,18 @@ def test_combined_maps_scale_head_and_student_teacher_maps_on_normals(tiny_run, 
         with open(tmp_path / f"p{flag}" / "scores.csv") as fh:
             got = np.array([float(row.split(",")[1]) for row in fh.read().splitlines()[1:]])
         np.testing.assert_allclose(got, expect, atol=1e-5)
+    x = torch.from_numpy(imgs).float() / 255
+    combined = anomaly_maps(model, imgs, norm=expect_norm)[0]
+    ts = str(tmp_path / "combined.pt")
+    res = CliRunner().invoke(main, ["export", run, "--format", "torchscript", "--out", ts, "--map", "combined"])
+    assert res.exit_code == 0, res.output
+    with torch.no_grad():
+        np.testing.assert_allclose(torch.jit.load(ts)(x)[:, 0].numpy(), combined, rtol=1e-5, atol=1e-4)
     os.remove(os.path.join(run, "thresholds.json"))
-    res = CliRunner().invoke(main, ["predict", run, *paths, "--out", str(tmp_path / "p"), "--map", "combined"])
-    assert res.exit_code == 2 and "--map combined' first" in res.output
+    for cmd in (["predict", run, *paths, "--out", str(tmp_path / "p")], ["export", run, "--format", "onnx",
+                                                                         "--out", str(tmp_path / "m.onnx")]):
+        res = CliRunner().invoke(main, cmd + ["--map", "combined"])
+        assert res.exit_code == 2 and "--map combined' first" in res.output
     no_train = tmp_path / "no_train"
     shutil.copytree(data, no_train, ignore=shutil.ignore_patterns("train"))
     res = CliRunner().invoke(main, ["test", run, "--data", str(no_train), "--map", "combined", "--device", "cpu"])
