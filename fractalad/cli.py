@@ -10,9 +10,10 @@ import click
 from fractalsynth.cli import fail_cleanly
 
 from .backbones import BACKBONES
+from .evaluate import MAP_KINDS
 from .model import PRESETS
 
-
+MAP_CHOICE = click.Choice(MAP_KINDS)
 _fail_cleanly = fail_cleanly(RuntimeError)
 
 
@@ -115,7 +116,7 @@ def _resumed_settings(out: str, given: dict) -> dict:
 @click.option("--smooth", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Gaussian sigma (pixels at the model's input size) on each map before scoring; "
                    "PatchCore-style: 4 at 256 px.")
-@click.option("--map", "map_kind", type=click.Choice(["head", "combined"]), default="head",
+@click.option("--map", "map_kind", type=MAP_CHOICE, default="head",
               show_default=True, help="The head's map (the paper), or head and student-teacher maps "
                                       "averaged, each scaled on DATA/train/good (distillation runs).")
 @_fail_cleanly
@@ -140,7 +141,7 @@ def test(run_dir, data, out, device, overlays, pixel_resolution, tta, smooth, ma
               help="Flip-averaged maps (default: as 'test' did for the saved thresholds).")
 @click.option("--smooth", type=click.FloatRange(min=0), default=None,
               help="Gaussian sigma on each map (default: as 'test' did for the saved thresholds).")
-@click.option("--map", "map_kind", type=click.Choice(["head", "combined"]), default=None,
+@click.option("--map", "map_kind", type=MAP_CHOICE, default=None,
               help="Which map (default: as 'test' did for the saved thresholds).")
 @_fail_cleanly
 def predict(run_dir, paths, out, threshold, device, tta, smooth, map_kind):
@@ -154,7 +155,7 @@ def predict(run_dir, paths, out, threshold, device, tta, smooth, map_kind):
 @click.argument("run_dir", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), required=True)
 @click.option("--out", type=click.Path(), required=True)
-@click.option("--map", "map_kind", type=click.Choice(["head", "combined"]), default="head",
+@click.option("--map", "map_kind", type=MAP_CHOICE, default="head",
               show_default=True, help="combined: with the scales 'test --map combined' saved.")
 @_fail_cleanly
 def export(run_dir, fmt, out, map_kind):

@@ -16,11 +16,10 @@ class AnomalyMapModel(torch.nn.Module):
         super().__init__()
         self.model = model
         self.combined = norm is not None
-        if norm is not None:  # the same arithmetic as MapNorm.combine, in torch
-            lo = [norm.head[0], norm.student[0]]
-            span = [max(norm.head[1] - norm.head[0], 1e-12), max(norm.student[1] - norm.student[0], 1e-12)]
-            self.register_buffer("lo", torch.tensor(lo).view(1, 2, 1, 1))
-            self.register_buffer("span", torch.tensor(span).view(1, 2, 1, 1))
+        if norm is not None:  # MapNorm.combine, in torch
+            lo, span = norm.offsets_and_spans()
+            self.register_buffer("lo", torch.from_numpy(lo))
+            self.register_buffer("span", torch.from_numpy(span))
 
     def forward(self, images):
         if not self.combined:

@@ -158,10 +158,14 @@ class FractalAD(nn.Module):
         """
         if mask is not None:
             return self.training_losses(normal, images, mask)
+        return self._inference(images)[2]
+
+    def _inference(self, images: torch.Tensor):
+        """(teacher features, student features or None, anomaly-map logits) of ``images``."""
         with torch.no_grad():
             t = self.teacher(images)
         s = self.student(images) if self.kd else None
-        return self.head(self.head_features(t, s), images.shape[-2:])
+        return t, s, self.head(self.head_features(t, s), images.shape[-2:])
 
     def anomaly_map(self, images: torch.Tensor) -> torch.Tensor:
         """sigmoid of the logits: per-pixel anomaly probability (float32)."""
@@ -171,10 +175,7 @@ class FractalAD(nn.Module):
         """[B, 2, H, W] float32: the head's map (sigmoid) and the student-teacher map."""
         if not self.kd:
             raise ValueError("the student-teacher map needs a distillation run (this one has no student)")
-        with torch.no_grad():
-            t = self.teacher(images)
-        s = self.student(images)
-        logits = self.head(self.head_features(t, s), images.shape[-2:])
+        t, s, logits = self._inference(images)
         return torch.cat([torch.sigmoid(logits.float()), student_teacher_map(t, s, images.shape[-2:])], 1)
 
     def training_losses(self, normal: torch.Tensor, anomalous: torch.Tensor, mask: torch.Tensor):
