@@ -97,6 +97,8 @@ def main(argv=None):
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--holdout", type=float, default=0.0,
+                    help="fraction of train/good kept out of the shards (calibrates --combined)")
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one, removed)")
     args = ap.parse_args(argv)
     if args.cooldown_steps and args.decay_steps:
@@ -128,7 +130,7 @@ def main(argv=None):
                            thin_width=_range(args.thin_width, int),
                            dilate_iterations=args.dilate),
              seed=args.seed, shard_size=min(n, 10000), workers=os.cpu_count() or 1,
-             log=lambda m: None)
+             log=lambda m: None, holdout=args.holdout)
     seconds["generate"] = time.perf_counter() - t
     t = time.perf_counter()
     run = os.path.join(work, "run")
@@ -158,7 +160,7 @@ def main(argv=None):
         "cut_scale": args.cut_scale, "region": args.region, "content": args.content,
         "min_contrast": args.min_contrast, "thin": args.thin, "thin_width": args.thin_width,
         "dilate": args.dilate, "pixel_resolution": args.pixel_resolution, "smooth": args.smooth,
-        "seed": args.seed,
+        "seed": args.seed, "holdout": args.holdout,
         "size": args.size, "steps": summary["steps"], "batch_size": args.batch_size,
         "train_samples_per_s": round(summary["samples_per_s"], 1),
         "test_images_per_s": round(report["images_per_s"], 1),

@@ -1,4 +1,4 @@
-"""Command line: ``fractalad fit | test | predict | export | demo``."""
+"""Command line: ``fractalad fit | test | calibrate | predict | export | demo``."""
 from __future__ import annotations
 
 import dataclasses
@@ -118,7 +118,8 @@ def _resumed_settings(out: str, given: dict) -> dict:
                    "PatchCore-style: 4 at 256 px.")
 @click.option("--map", "map_kind", type=MAP_CHOICE, default="head",
               show_default=True, help="The head's map (the paper), or head and student-teacher maps "
-                                      "averaged, each scaled on DATA/train/good (distillation runs).")
+                                      "averaged, each scaled on the run's held-out normals or "
+                                      "DATA/train/good (distillation runs).")
 @_fail_cleanly
 def test(run_dir, data, out, device, overlays, pixel_resolution, tta, smooth, map_kind):
     """Metrics (image_AUROC, pixel_AUROC, AUPRO, F1Max) per defect type, and overlays."""
@@ -132,10 +133,32 @@ def test(run_dir, data, out, device, overlays, pixel_resolution, tta, smooth, ma
 
 @main.command()
 @click.argument("run_dir", type=click.Path())
+@click.option("--normals", type=click.Path(file_okay=False), default=None,
+              help="Good images the run never trained on (default: the run's held-out normals, "
+                   "from 'fractalsynth generate --holdout').")
+@click.option("--quantile", type=click.FloatRange(0, 1, min_open=True), default=0.99, show_default=True,
+              help="The thresholds sit at this quantile of the normals' image scores.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--tta", is_flag=True, help="Flip-averaged maps.")
+@click.option("--smooth", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Gaussian sigma on each map.")
+@click.option("--map", "map_kind", type=MAP_CHOICE, default="head", show_default=True,
+              help="combined: also fits its scales on the same normals.")
+@_fail_cleanly
+def calibrate(run_dir, normals, quantile, device, tta, smooth, map_kind):
+    """Thresholds for 'predict' from good images alone (no defect photos needed)."""
+    from .evaluate import calibrate_run
+    saved = calibrate_run(run_dir, normals, quantile, device, tta=tta, smooth=smooth,
+                          map_kind=map_kind)
+    click.echo(f"threshold {saved['image']:.6f}: {saved['source']}; saved for 'predict'")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--out", type=click.Path(file_okay=False), required=True)
 @click.option("--threshold", type=float, default=None,
-              help="Decision threshold (default: the F1Max thresholds saved by 'test').")
+              help="Decision threshold (default: the thresholds 'test' or 'calibrate' saved).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--tta/--no-tta", default=None,
               help="Flip-averaged maps (default: as 'test' did for the saved thresholds).")

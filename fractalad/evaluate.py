@@ -21,7 +21,7 @@ from fractalsynth.images import ImageError, list_images, load_image, prepare_nor
 
 from .metrics import detection_metrics
 from .model import FractalAD
-from .train import RUN_SCHEMA, RUN_VERSION, pick_device
+from .train import HOLDOUT_FILE, RUN_SCHEMA, RUN_VERSION, pick_device
 
 
 class RunError(ValueError):
@@ -113,6 +113,7 @@ FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both
 MAP_KINDS = ("head", "combined")
 NORM_QUANTILES = (0.9, 0.995)
 CALIBRATION_IMAGES = 200
+THRESHOLDS_FILE = "thresholds.json"
 
 
 def flip_averaged_map(map_fn, x: torch.Tensor) -> torch.Tensor:
@@ -198,6 +199,69 @@ def calibration_images(data: str, size: int, channels: int, limit: int = CALIBRA
     return preprocess([paths[i] for i in pick], size, channels)
 
 
+def held_out_normals(run_dir: str) -> np.ndarray | None:
+    """uint8 [N, C, S, S] normals the run never trained on (``generate --holdout``), else None."""
+    path = os.path.join(run_dir, HOLDOUT_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path) as z:
+            return z["images"].transpose(0, 3, 1, 2)
+    except (OSError, ValueError, KeyError):
+        raise RunError(f"{path}: unreadable; delete it (the run then calibrates on "
+                       "DATA/train/good) or re-run 'fractalad fit'") from None
+
+
+def calibration_normals(run_dir: str, data: str, size: int, channels: int) -> tuple[np.ndarray, str]:
+    """(normals, where from) for the combined map: held-out ones if the run has them."""
+    held = held_out_normals(run_dir)
+    if held is not None:
+        return held, f"{len(held)} held-out normals ({HOLDOUT_FILE})"
+    images = calibration_images(data, size, channels)
+    return images, f"{len(images)} images of DATA/train/good (seen in training)"
+
+
+def calibrate_run(run_dir: str, normals: str | None = None, quantile: float = 0.99,
+                  device: str = "auto", batch_size: int = 32, tta: bool = False,
+                  smooth: float = 0.0, map_kind: str = "head") -> dict:
+    """Thresholds from normal images alone, for lines that have no defect photos.
+
+    The image threshold is the ``quantile`` of the normals' image scores (max of the map), and
+    the pixel threshold is the same number, so an image is flagged exactly when its mask is not
+    empty. ``normals``: a folder of good images the run never trained on; default: the run's
+    held-out normals (``fractalsynth generate --holdout``). Saves thresholds.json for ``predict``
+    (the combined map's scales come from the same normals) and returns it.
+    """
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    if map_kind not in MAP_KINDS:
+        raise ValueError(f"map_kind must be one of {MAP_KINDS}, got {map_kind!r}")
+    model, meta = load_run(run_dir, device)
+    if map_kind == "combined" and not model.kd:
+        raise RunError(f"{run_dir}: trained without distillation, so it has no student-teacher map; "
+                       "use --map head")
+    if normals is None:
+        images = held_out_normals(run_dir)
+        if images is None:
+            raise RunError(f"{run_dir}: no held-out normals; pass --normals DIR (good images not "
+                           "used in training), or train on shards made with --holdout")
+        source = f"{len(images)} held-out normals ({HOLDOUT_FILE})"
+    else:
+        images = preprocess(list_images(normals), meta["size"], meta["channels"])
+        source = f"{len(images)} images of {os.path.abspath(normals)}"
+    norm = fit_map_norm(model, images, batch_size, tta) if map_kind == "combined" else None
+    maps = smooth_maps(anomaly_maps(model, images, batch_size, tta, norm)[0], smooth)
+    scores = maps.reshape(len(maps), -1).max(1)
+    threshold = float(np.quantile(scores, quantile))
+    saved = {"image": threshold, "pixel": threshold, "tta": tta, "smooth": smooth,
+             "map": map_kind, "map_norm": None if norm is None else asdict(norm),
+             "source": f"quantile {quantile} of the image scores of {source}",
+             "normal_scores": {"median": float(np.median(scores)), "max": float(scores.max()),
+                               "n": len(scores)}}
+    _write_json(os.path.join(run_dir, THRESHOLDS_FILE), saved)
+    return saved
+
+
 def smooth_maps(maps: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian-blurred float32 maps [N, S, S] (``sigma`` in map pixels; 0: the maps unchanged)."""
     if sigma <= 0:
@@ -205,24 +269,41 @@ def smooth_maps(maps: np.ndarray, sigma: float) -> np.ndarray:
     return np.stack([cv2.GaussianBlur(m, (0, 0), sigma, borderType=cv2.BORDER_REFLECT) for m in maps])
 
 
-def _heat_overlay(image: np.ndarray, amap: np.ndarray) -> np.ndarray:
+def display_scale(map_kind: str, threshold: float) -> float:
+    """The factor that colours a map: head maps are probabilities (1); combined maps have no
+    upper bound (defects reach 5-10), so their threshold is put at mid-scale instead."""
+    return 0.5 / threshold if map_kind == "combined" and threshold > 0 else 1.0
+
+
+def _heat_overlay(image: np.ndarray, amap: np.ndarray, scale: float = 1.0) -> np.ndarray:
     rgb = image if image.shape[2] == 3 else np.repeat(image, 3, axis=2)
-    heat = cv2.applyColorMap(np.clip(amap * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
+    heat = cv2.applyColorMap(np.clip(amap * scale * 255, 0, 255).astype(np.uint8),
+                             cv2.COLORMAP_JET)[:, :, ::-1]
     return cv2.addWeighted(rgb, 0.55, heat, 0.45, 0)
 
 
-def overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, title: str) -> np.ndarray:
-    """image | heatmap overlay | ground truth, with a title band (RGB uint8)."""
+def overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, title: str,
+            scale: float = 1.0) -> np.ndarray:
+    """image | heatmap overlay (map x ``scale``) | ground truth, with a title band (RGB uint8)."""
     rgb = image if image.shape[2] == 3 else np.repeat(image, 3, axis=2)
     gt = np.zeros_like(rgb) if mask is None else np.repeat((mask > 0).astype(np.uint8)[:, :, None] * 255, 3, 2)
-    row = np.concatenate([rgb, _heat_overlay(image, amap), gt], axis=1)
+    row = np.concatenate([rgb, _heat_overlay(image, amap, scale), gt], axis=1)
     band = np.full((18, row.shape[1], 3), 255, np.uint8)
     cv2.putText(band, title, (4, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
     return np.concatenate([band, row], axis=0)
 
 
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=1)
+
+
 def _write_rgb(path, img):
-    if not cv2.imwrite(path, img[:, :, ::-1]):
+    _write_image(path, img[:, :, ::-1])
+
+
+def _write_image(path, img):
+    if not cv2.imwrite(path, img):
         raise OSError(f"cannot write {path}")
 
 
@@ -260,8 +341,8 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
     sigma (pixels at the model's input size) applied to each map before any score, as
     PatchCore-style methods do (sigma 4 at 256 px); the paper: 0. ``map_kind``: 'head' (the
     paper's map) or 'combined' (head and student-teacher maps averaged, each first scaled by its
-    quantiles on up to 200 images of DATA/train/good; distillation runs only). The thresholds
-    saved for ``predict`` remember all three.
+    quantiles on the run's held-out normals, else on up to 200 images of DATA/train/good;
+    distillation runs only). The thresholds saved for ``predict`` remember all three.
     """
     if pixel_resolution not in ("model", "original"):
         raise ValueError(f"pixel_resolution must be 'model' or 'original', got {pixel_resolution!r}")
@@ -276,9 +357,10 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
     os.makedirs(out, exist_ok=True)
     size, ch = meta["size"], meta["channels"]
     t0 = time.perf_counter()
-    norm = None
+    norm, calibration = None, None
     if map_kind == "combined":
-        norm = fit_map_norm(model, calibration_images(data, size, ch), batch_size, tta)
+        normals, calibration = calibration_normals(run_dir, data, size, ch)
+        norm = fit_map_norm(model, normals, batch_size, tta)
     sizes = []
     images = preprocess(ts.paths, size, ch, sizes)
     maps, ips = anomaly_maps(model, images, batch_size, tta, norm)
@@ -299,7 +381,8 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
             if (ts.labels[px] == 1).any() else (None, None)
         results[t] = detection_metrics(smax[sel], smean[sel], ts.labels[sel], *pixel)
     thresholds = {"image": results["all"]["image_threshold"], "tta": tta, "smooth": smooth,
-                  "map": map_kind, "map_norm": None if norm is None else asdict(norm)}
+                  "map": map_kind, "map_norm": None if norm is None else asdict(norm),
+                  "source": f"F1Max on {os.path.abspath(data)}"}
     if "pixel_threshold" in results["all"]:
         thresholds["pixel"] = results["all"]["pixel_threshold"]
     report = {"metrics": results, "thresholds": thresholds, "images_per_s": ips,
@@ -307,14 +390,13 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
               "seconds": time.perf_counter() - t0, "data": os.path.abspath(data),
               "image_score": "max of the map (image_*_mean: mean of the map)",
               "pixel_resolution": pixel_resolution, "tta": tta, "smooth": smooth,
-              "map": map_kind, "map_norm": thresholds["map_norm"]}
-    with open(os.path.join(out, "metrics.json"), "w") as fh:
-        json.dump(report, fh, indent=1)
-    with open(os.path.join(run_dir, "thresholds.json"), "w") as fh:
-        json.dump(thresholds, fh, indent=1)
+              "map": map_kind, "map_norm": thresholds["map_norm"], "calibration": calibration}
+    _write_json(os.path.join(out, "metrics.json"), report)
+    _write_json(os.path.join(run_dir, THRESHOLDS_FILE), thresholds)
     imgs_hwc = images.transpose(0, 2, 3, 1)
     defect = np.flatnonzero(ts.labels == 1)
     good = np.flatnonzero(ts.labels == 0)
+    scale = display_scale(map_kind, thresholds["image"])
     picks = {"worst_defect": defect[np.argsort(smax[defect])[:n_overlays]],
              "worst_good": good[np.argsort(-smax[good])[:n_overlays]],
              "best_defect": defect[np.argsort(-smax[defect])[:n_overlays]]}
@@ -323,13 +405,13 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
             title = f"{kind} #{rank}: {ts.types[i]}/{os.path.basename(ts.paths[i])} score {smax[i]:.3f}"
             _write_rgb(os.path.join(out, f"{kind}_{rank:02d}.png"),
                        overlay(imgs_hwc[i], maps[i], _ground_truth(ts.mask_paths[i], (size, size))
-                               if ts.mask_paths[i] else None, title))
+                               if ts.mask_paths[i] else None, title, scale))
     return report
 
 
 def _saved_thresholds(run_dir: str) -> dict:
-    """What the last ``test`` saved in RUN_DIR/thresholds.json ({} before any test)."""
-    path = os.path.join(run_dir, "thresholds.json")
+    """What the last ``test`` or ``calibrate`` saved in RUN_DIR/thresholds.json ({} before)."""
+    path = os.path.join(run_dir, THRESHOLDS_FILE)
     if not os.path.isfile(path):
         return {}
     try:
@@ -344,8 +426,37 @@ def saved_map_norm(run_dir: str) -> MapNorm:
     saved = _saved_thresholds(run_dir).get("map_norm")
     if not saved:
         raise RunError(f"{run_dir}: no saved scales for the combined map; run 'fractalad test "
-                       f"{run_dir} --data DIR --map combined' first")
+                       f"{run_dir} --data DIR --map combined' or 'fractalad calibrate {run_dir} "
+                       "--map combined' first")
     return MapNorm(**{k: tuple(v) for k, v in saved.items()})
+
+
+def _predict_inputs(inputs) -> list[tuple[str, str]]:
+    """(image path, output name) per image of the files and folders given.
+
+    Names are paths below the deepest folder holding every input, without the extension, so
+    test/good/0.png and test/crack/0.png come out as good/0 and crack/0.
+    """
+    paths, roots = [], []
+    for p in inputs:
+        if os.path.isdir(p):
+            paths += list_images(p)
+            roots.append(os.path.abspath(p))
+        elif os.path.isfile(p):
+            paths.append(p)
+            roots.append(os.path.dirname(os.path.abspath(p)))
+        else:
+            raise ImageError(f"{p}: no such file or folder")
+    common = os.path.commonpath(roots)
+    named, seen = [], {}
+    for path in paths:
+        name = os.path.splitext(os.path.relpath(os.path.abspath(path), common))[0]
+        if name in seen:
+            raise ImageError(f"{path}: its outputs would overwrite those of {seen[name]} (both "
+                             f"{name}.png); rename one, or predict them into separate --out folders")
+        seen[name] = path
+        named.append((path, name))
+    return named
 
 
 def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
@@ -353,22 +464,16 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
             smooth: float | None = None, map_kind: str | None = None) -> str:
     """Heatmaps, binary masks and a scores.csv for images or folders; returns the CSV path.
 
-    Thresholds: ``threshold`` for both decisions, else the F1Max thresholds ``test`` saved
-    (image: max of the map; pixel: the mask), else 0.5. ``tta`` (flip-averaged maps), ``smooth``
-    (Gaussian sigma) and ``map_kind`` default to what ``test`` used for the saved thresholds,
-    since they only hold for such maps; 'combined' needs the scales ``test --map combined`` saved.
+    Thresholds: ``threshold`` for both decisions, else those ``test`` (F1Max) or ``calibrate``
+    (normals only) saved last (image: max of the map; pixel: the mask), else 0.5. ``tta``
+    (flip-averaged maps), ``smooth`` (Gaussian sigma) and ``map_kind`` default to what was used
+    for the saved thresholds, since they only hold for such maps; 'combined' needs saved scales.
+    Outputs keep each image's path below the folder given, so equal file names do not collide.
     """
     if map_kind is not None and map_kind not in MAP_KINDS:
         raise ValueError(f"map_kind must be one of {MAP_KINDS}, got {map_kind!r}")
     model, meta = load_run(run_dir, device)
-    paths = []
-    for p in inputs:
-        if os.path.isdir(p):
-            paths += list_images(p)
-        elif os.path.isfile(p):
-            paths.append(p)
-        else:
-            raise ImageError(f"{p}: no such file or folder")
+    named = _predict_inputs(inputs)
     saved = _saved_thresholds(run_dir)
     if threshold is not None:
         thresholds = {"image": threshold, "pixel": threshold}
@@ -379,6 +484,7 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
     smooth = float(saved.get("smooth", 0.0)) if smooth is None else smooth
     map_kind = saved.get("map", "head") if map_kind is None else map_kind
     norm = saved_map_norm(run_dir) if map_kind == "combined" else None
+    scale = display_scale(map_kind, thresholds["pixel"])
     os.makedirs(os.path.join(out, "heatmap"), exist_ok=True)
     os.makedirs(os.path.join(out, "mask"), exist_ok=True)
     size, ch = meta["size"], meta["channels"]
@@ -387,17 +493,18 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
         w = csv.writer(fh)
         w.writerow(["path", "score_max", "score_mean", "anomalous", "image_threshold",
                     "pixel_threshold"])
-        for s in range(0, len(paths), batch_size):
-            chunk = paths[s:s + batch_size]
+        for s in range(0, len(named), batch_size):
+            chunk = named[s:s + batch_size]
             sizes = []
-            imgs = preprocess(chunk, size, ch, sizes)
+            imgs = preprocess([p for p, _ in chunk], size, ch, sizes)
             maps = smooth_maps(anomaly_maps(model, imgs, batch_size, tta, norm)[0], smooth)
-            for p, img, m, (h0, w0) in zip(chunk, imgs.transpose(0, 2, 3, 1), maps, sizes):
-                stem = os.path.splitext(os.path.basename(p))[0]
+            for (p, name), img, m, (h0, w0) in zip(chunk, imgs.transpose(0, 2, 3, 1), maps, sizes):
                 full = cv2.resize(m, (w0, h0), interpolation=cv2.INTER_LINEAR)
-                _write_rgb(os.path.join(out, "heatmap", f"{stem}.png"), _heat_overlay(img, m))
-                cv2.imwrite(os.path.join(out, "mask", f"{stem}.png"),
-                            ((full >= thresholds["pixel"]) * 255).astype(np.uint8))
+                heat, mask = (os.path.join(out, kind, f"{name}.png") for kind in ("heatmap", "mask"))
+                os.makedirs(os.path.dirname(heat), exist_ok=True)
+                os.makedirs(os.path.dirname(mask), exist_ok=True)
+                _write_rgb(heat, _heat_overlay(img, m, scale))
+                _write_image(mask, ((full >= thresholds["pixel"]) * 255).astype(np.uint8))
                 w.writerow([p, f"{m.max():.6f}", f"{m.mean():.6f}",
                             int(m.max() >= thresholds["image"]), f"{thresholds['image']:.6f}",
                             f"{thresholds['pixel']:.6f}"])

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fractalsynth.shards import load_holdout
+
 from . import __version__
 from .data import DeviceNormals, RecordBatches, batch_order, make_loader, random_flips, show_clean
 from .model import FractalAD
@@ -27,6 +29,7 @@ from .model import FractalAD
 PAPER_EPOCH_SAMPLES = 391
 RUN_SCHEMA = "fractalad.run"
 RUN_VERSION = 1
+HOLDOUT_FILE = "holdout_normals.npz"  # the shard set's held-out normals, for calibration
 
 
 @dataclass
@@ -287,6 +290,15 @@ def _atomic_save(obj, path):
 RESUME_MAY_CHANGE = ("epochs", "steps", "decay_steps", "workers", "log_every", "checkpoint_every")
 
 
+def _save_holdout(shards_dir: str, path: str) -> None:
+    """Copy the shard set's held-out normals into the run, so the run calibrates on its own."""
+    images, names = load_holdout(shards_dir)
+    if len(images):
+        tmp = path + ".partial.npz"
+        np.savez(tmp, images=images, names=np.array(names))
+        os.replace(tmp, path)
+
+
 def _saved_config(config: dict) -> FitConfig:
     """A checkpoint's settings; one an older checkpoint lacks had its default then."""
     known = {f.name for f in fields(FitConfig)}
@@ -340,6 +352,7 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
     if rank == 0:
         with open(os.path.join(out_dir, "config.json"), "w") as fh:
             json.dump(meta, fh, indent=1)
+        _save_holdout(shards_dir, os.path.join(out_dir, HOLDOUT_FILE))
     total = cfg.total_steps()
     metrics_path = os.path.join(out_dir, "metrics.csv")
     new_csv = not (resume and os.path.exists(metrics_path))

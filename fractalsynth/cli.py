@@ -219,9 +219,12 @@ def preview(dataset, normals, n, out, seed, columns, textures, **kw):
 @click.option("--shard-size", type=click.IntRange(min=1), default=10000, show_default=True)
 @click.option("--shard-range", default=None, help="Make only shards i:j (for job arrays).")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (listed) instead of failing.")
+@click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Fraction of the normals kept out of training (seeded), for calibration.")
 @synth_options
 @_fail_cleanly
-def generate(normals, n, out, seed, workers, shard_size, shard_range, skip_bad, textures, **kw):
+def generate(normals, n, out, seed, workers, shard_size, shard_range, skip_bad, holdout, textures,
+             **kw):
     """Precompute a sharded HDF5 anomaly dataset from a folder of normal images."""
     from .generate import generate as run
     cfg = _synth_config(**kw)
@@ -239,7 +242,7 @@ def generate(normals, n, out, seed, workers, shard_size, shard_range, skip_bad, 
     t = time.perf_counter()
     with _progress(total, "generate") as bar:
         summary = run(normals, out, n, cfg, seed, shard_size, workers, sr, skip_bad, tex, digest,
-                      progress=bar.update, log=lambda m: bar.write(m))
+                      progress=bar.update, log=lambda m: bar.write(m), holdout=holdout)
     dt = time.perf_counter() - t
     click.echo(f"{out}: shards {summary['shards']} ready ({summary['made']} samples made in "
                f"{dt:.1f}s)" + ("; manifest written" if "manifest" in summary else

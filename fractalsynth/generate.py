@@ -40,6 +40,23 @@ class Normals:
     foregrounds: list
     skipped: list
 
+    def subset(self, idx) -> "Normals":
+        """The normals at positions ``idx`` (skipped-file notes kept)."""
+        pick = lambda seq: None if seq is None else [seq[i] for i in idx]  # noqa: E731
+        return Normals(self.images[idx], self.means[idx], pick(self.names), pick(self.sources),
+                       pick(self.foregrounds), self.skipped)
+
+
+def holdout_indices(count: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted positions of the ``fraction`` of ``count`` normals held out of a dataset (seeded)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"holdout must be a fraction between 0 and 1, got {fraction}")
+    k = max(1, int(round(count * fraction)))
+    if k >= count:
+        raise ValueError(f"holdout {fraction} of {count} normal image(s) leaves none to train on; "
+                         "use a smaller --holdout or more images")
+    return np.sort(np.random.default_rng([seed, 5]).permutation(count)[:k])
+
 
 def read_normals(folder: str, cfg: AnomalyConfig, skip_bad: bool = False, progress=None) -> Normals:
     """Load, convert and resize every image under ``folder`` (recursively)."""
@@ -71,14 +88,17 @@ def read_normals(folder: str, cfg: AnomalyConfig, skip_bad: bool = False, progre
 
 
 def dataset_params(cfg: AnomalyConfig, seed: int, n: int, shard_size: int, normals: Normals,
-                   textures_digest: str | None) -> dict:
+                   textures_digest: str | None, holdout: float = 0.0) -> dict:
     """Everything that determines the dataset's bytes (compared on every re-run)."""
-    return {
+    params = {
         "seed": int(seed), "n": int(n), "shard_size": int(shard_size),
         "config": cfg.to_dict(), "normals": len(normals.names),
         "normals_digest": hashlib.sha256("\n".join(normals.names).encode()).hexdigest(),
         "textures_digest": textures_digest,
     }
+    if holdout:  # absent when 0, so datasets made before the option still resume
+        params["holdout"] = float(holdout)
+    return params
 
 
 def _params_hash(params: dict) -> str:
@@ -151,8 +171,12 @@ def generate(normals_dir: str, out_dir: str, n: int, cfg: AnomalyConfig | None =
              seed: int = 0, shard_size: int = 10000, workers: int = 1,
              shard_range: tuple[int, int] | None = None, skip_bad: bool = False,
              textures=None, textures_digest: str | None = None, progress=None,
-             log=print) -> dict:
-    """Build (or finish) the dataset in ``out_dir``; returns a summary dict."""
+             log=print, holdout: float = 0.0) -> dict:
+    """Build (or finish) the dataset in ``out_dir``; returns a summary dict.
+
+    ``holdout``: a seeded fraction of the normals kept out of every sample and stored apart
+    in the normals file, so a model trained on the dataset can be calibrated on unseen images.
+    """
     cfg = cfg or AnomalyConfig()
     if n <= 0:
         raise ValueError(f"n must be > 0, got {n}")
@@ -171,14 +195,20 @@ def generate(normals_dir: str, out_dir: str, n: int, cfg: AnomalyConfig | None =
     normals = read_normals(normals_dir, cfg, skip_bad)
     for s in normals.skipped:
         log(f"skipped: {s}")
-    params = dataset_params(cfg, seed, n, shard_size, normals, textures_digest)
+    held = None
+    if holdout:
+        out_idx = holdout_indices(len(normals.names), holdout, seed)
+        held = normals.subset(out_idx)
+        normals = normals.subset(np.setdiff1d(np.arange(len(normals.names)), out_idx))
+    params = dataset_params(cfg, seed, n, shard_size, normals, textures_digest, holdout)
     _check_existing(out_dir, params)
     channels = int(normals.images.shape[3])
     phash = _params_hash(params)
     normals_path = os.path.join(out_dir, NORMALS_FILE)
     checksum = _sha256([normals.images, normals.means])
     if not os.path.exists(normals_path):
-        write_normals(normals_path, normals.images, normals.means, normals.names)
+        write_normals(normals_path, normals.images, normals.means, normals.names,
+                      held.images if held else None, held.names if held else None)
     _write_json(os.path.join(out_dir, PARAMS_FILE),
                 {"schema": "fractalsynth.params", "params": params, "params_hash": phash,
                  "channels": channels, "normals_checksum": checksum,

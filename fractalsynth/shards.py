@@ -67,8 +67,9 @@ def _sha256(arrays) -> str:
 # ---------------------------------------------------------------- writing
 
 
-def write_normals(path: str, images: np.ndarray, means: np.ndarray, names: list[str]) -> str:
-    """Write the prepared normals atomically; returns their checksum."""
+def write_normals(path: str, images: np.ndarray, means: np.ndarray, names: list[str],
+                  holdout_images: np.ndarray | None = None, holdout_names: list[str] | None = None) -> str:
+    """Write the prepared normals (and any held-out ones) atomically; returns their checksum."""
     checksum = _sha256([images, means])
     tmp = path + ".partial"
     with h5py.File(tmp, "w") as f:
@@ -77,6 +78,9 @@ def write_normals(path: str, images: np.ndarray, means: np.ndarray, names: list[
         f.create_dataset("images", data=images)
         f.create_dataset("means", data=means.astype(np.float32))
         f.create_dataset("paths", data=np.array(names, dtype=h5py.string_dtype()))
+        if holdout_images is not None:
+            f.create_dataset("holdout_images", data=holdout_images)
+            f.create_dataset("holdout_paths", data=np.array(holdout_names, dtype=h5py.string_dtype()))
     os.replace(tmp, path)
     return checksum
 
@@ -223,6 +227,21 @@ def load_normals(root: str, expected_checksum: str | None = None):
         raise ShardError(f"{path}: belongs to another dataset (checksum differs from the "
                          "manifest); regenerate the dataset")
     return images, means
+
+
+def load_holdout(root: str) -> tuple[np.ndarray, list[str]]:
+    """(images [K,S,S,C] uint8, names) of the normals held out of a dataset (K = 0 if none)."""
+    path = os.path.join(root, NORMALS_FILE)
+    try:
+        with h5py.File(path, "r") as f:
+            if "holdout_images" not in f:
+                shape = f["images"].shape
+                return np.zeros((0, *shape[1:]), np.uint8), []
+            return f["holdout_images"][()], [p.decode() if isinstance(p, bytes) else str(p)
+                                             for p in f["holdout_paths"][()]]
+    except (OSError, KeyError) as e:
+        raise ShardError(f"{path}: unreadable or truncated ({e}); delete it and re-run "
+                         "'fractalsynth generate'") from None
 
 
 class ShardDataset:

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ from click.testing import CliRunner
 from skimage.measure import label
 
 from fractalad.cli import main
+from fractalsynth.images import list_images
 from fractalad.metrics import aupro, auroc, f1_max, pixel_metrics
 
 
@@ -313,3 +315,68 @@ def test_demo_dataset_has_masks_for_every_defect(tmp_path):
         assert (mp is not None) == (lab == 1)
         if mp:
             assert cv2.imread(mp, cv2.IMREAD_GRAYSCALE).max() == 255
+
+
+def test_calibrate_sets_thresholds_from_normals_alone(tiny_run, tmp_path):
+    from fractalsynth.anomaly import AnomalyConfig
+    from fractalsynth.generate import generate
+    from fractalad.evaluate import anomaly_maps, load_run, preprocess, test_run
+    from fractalad.train import FitConfig, fit
+    r = CliRunner()
+    run, data = str(tmp_path / "run"), tiny_run / "data"
+    shutil.copytree(tiny_run / "run", run)
+    res = r.invoke(main, ["calibrate", run, "--device", "cpu"])
+    assert res.exit_code == 2 and "--normals DIR" in res.output  # no held-out normals in this run
+    good = str(data / "train" / "good")
+    res = r.invoke(main, ["calibrate", run, "--normals", good, "--quantile", "0.5", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    model, meta = load_run(run, "cpu")
+    normals = preprocess(list_images(good), meta["size"], meta["channels"])
+    scores = anomaly_maps(model, normals)[0].reshape(len(normals), -1).max(1)
+    saved = json.load(open(os.path.join(run, "thresholds.json")))
+    assert saved["image"] == saved["pixel"] == pytest.approx(np.quantile(scores, 0.5), abs=1e-6)
+    assert "quantile 0.5" in saved["source"] and saved["map"] == "head"
+    out = tmp_path / "pred"
+    res = r.invoke(main, ["predict", run, good, "--out", str(out), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    rows = [line.split(",") for line in open(out / "scores.csv").read().splitlines()[1:]]
+    assert [int(row[3]) for row in rows] == [int(float(row[1]) >= saved["image"]) for row in rows]
+    assert sum(int(row[3]) for row in rows) == 2  # 3 normals, threshold at their median
+
+    # a run on shards with a held-out normal calibrates on it, for 'calibrate' and '--map combined'
+    shards, held_run = str(tmp_path / "shards"), str(tmp_path / "held_run")
+    generate(good, shards, 8, AnomalyConfig(size=32), shard_size=8, holdout=0.34)
+    fit(shards, held_run, FitConfig(steps=1, batch_size=4, workers=0, device="cpu"), progress=False)
+    res = r.invoke(main, ["calibrate", held_run, "--device", "cpu", "--map", "combined"])
+    assert res.exit_code == 0 and "1 held-out normals" in res.output, res.output
+    from fractalsynth.shards import load_holdout
+    (held_name,) = load_holdout(shards)[1]
+    model, _ = load_run(held_run, "cpu")
+    saved = json.load(open(os.path.join(held_run, "thresholds.json")))
+    from fractalad.evaluate import fit_map_norm
+    held = preprocess([os.path.join(good, held_name)], 32, 1)
+    norm = fit_map_norm(model, held)
+    assert saved["image"] == pytest.approx(anomaly_maps(model, held, norm=norm)[0].max(), abs=1e-5)
+    report = test_run(held_run, str(data), str(tmp_path / "t"), "cpu", 0, map_kind="combined")
+    assert report["calibration"].startswith("1 held-out normals")
+    assert report["map_norm"] == dataclasses.asdict(norm)
+    from fractalad.evaluate import display_scale
+    assert display_scale("combined", 4.0) == 0.125 and display_scale("head", 4.0) == 1.0
+
+
+def test_predict_keeps_sub_folders_apart(tiny_run, tmp_path):
+    run, spot = str(tiny_run / "run"), tiny_run / "data" / "test" / "spot"
+    src = tmp_path / "in"
+    for sub in ("a", "b"):
+        shutil.copytree(spot, src / sub)
+    for args, out in (([src], "p"), ([src / "a", src / "b"], "q"), ([src / "a" / "0.png", src / "b"], "r")):
+        res = CliRunner().invoke(main, ["predict", run, *map(str, args), "--out", str(tmp_path / out),
+                                        "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+        for kind in ("heatmap", "mask"):
+            assert sorted(os.listdir(tmp_path / out / kind / "b")) == ["0.png", "1.png", "2.png"]
+    assert os.listdir(tmp_path / "r" / "mask" / "a") == ["0.png"]
+    shutil.copy(src / "a" / "1.png", src / "a" / "0.jpg")
+    res = CliRunner().invoke(main, ["predict", run, str(src / "a"), "--out", str(tmp_path / "s"),
+                                    "--device", "cpu"])
+    assert res.exit_code == 2 and "would overwrite" in res.output and not os.path.exists(tmp_path / "s")

@@ -170,3 +170,35 @@ def test_preset_sets_the_method_placement(normals_dir, tmp_path):
     from fractalad.model import PRESETS
     assert PRESETS["carpet"] == {"kd": False, "placement": "uniform"}
     assert PRESETS["pill"] == {"kd": True, "placement": "foreground"}
+
+
+def test_holdout_keeps_normals_out_of_every_sample(normals_dir, tmp_path):
+    from fractalsynth.generate import holdout_indices
+    from fractalsynth.images import prepare_normal
+    from fractalsynth.shards import load_holdout
+    paths = list_images(normals_dir)
+    held_idx = holdout_indices(len(paths), 0.34, seed=4)
+    assert len(held_idx) == 2 and list(held_idx) == list(holdout_indices(len(paths), 0.34, seed=4))
+    assert list(held_idx) != list(holdout_indices(len(paths), 0.34, seed=5))  # seeded
+    out = str(tmp_path / "ds")
+    generate(normals_dir, out, 40, CFG, seed=4, shard_size=16, holdout=0.34)
+    images, names = load_holdout(out)
+    rel = [os.path.relpath(paths[i], normals_dir) for i in held_idx]
+    assert names == rel
+    for img, i in zip(images, held_idx):
+        assert np.array_equal(img, prepare_normal(load_image(paths[i]), 48, 3))
+    ds = ShardDataset(out)
+    assert len(ds.normals) == len(paths) - 2 and ds.params["holdout"] == 0.34
+    kept = [load_image(p) for i, p in enumerate(paths) if i not in held_idx]
+    for img in images:  # no sample was built on a held-out normal
+        assert not any(np.array_equal(img, n) for n in ds.normals)
+    assert {np.array_equal(ds.normals[j], prepare_normal(k, 48, 3)) for j, k in enumerate(kept)} == {True}
+    plain = str(tmp_path / "plain")
+    generate(normals_dir, plain, 8, CFG, seed=4, shard_size=8)
+    assert "holdout" not in ShardDataset(plain).params  # datasets made before the option resume
+    assert len(load_holdout(plain)[0]) == 0
+    with pytest.raises(ValueError, match="leaves none"):
+        holdout_indices(2, 0.9, 0)
+    res = CliRunner().invoke(main, ["generate", "--normals", normals_dir, "--n", "8", "--out",
+                                    str(tmp_path / "x"), "--holdout", "1"])
+    assert res.exit_code == 2 and "--holdout" in res.output
