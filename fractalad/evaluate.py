@@ -199,6 +199,17 @@ def calibration_images(data: str, size: int, channels: int, limit: int = CALIBRA
     return preprocess([paths[i] for i in pick], size, channels)
 
 
+def _load_run_for_map(run_dir: str, device: str, map_kind: str):
+    """load_run, after checking that the run can draw ``map_kind`` maps."""
+    if map_kind not in MAP_KINDS:
+        raise ValueError(f"map_kind must be one of {MAP_KINDS}, got {map_kind!r}")
+    model, meta = load_run(run_dir, device)
+    if map_kind == "combined" and not model.kd:
+        raise RunError(f"{run_dir}: trained without distillation, so it has no student-teacher map; "
+                       "use --map head")
+    return model, meta
+
+
 def held_out_normals(run_dir: str) -> np.ndarray | None:
     """uint8 [N, C, S, S] normals the run never trained on (``generate --holdout``), else None."""
     path = os.path.join(run_dir, HOLDOUT_FILE)
@@ -234,12 +245,7 @@ def calibrate_run(run_dir: str, normals: str | None = None, quantile: float = 0.
     """
     if not 0.0 < quantile <= 1.0:
         raise ValueError(f"quantile must be in (0, 1], got {quantile}")
-    if map_kind not in MAP_KINDS:
-        raise ValueError(f"map_kind must be one of {MAP_KINDS}, got {map_kind!r}")
-    model, meta = load_run(run_dir, device)
-    if map_kind == "combined" and not model.kd:
-        raise RunError(f"{run_dir}: trained without distillation, so it has no student-teacher map; "
-                       "use --map head")
+    model, meta = _load_run_for_map(run_dir, device, map_kind)
     if normals is None:
         images = held_out_normals(run_dir)
         if images is None:
@@ -346,12 +352,7 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
     """
     if pixel_resolution not in ("model", "original"):
         raise ValueError(f"pixel_resolution must be 'model' or 'original', got {pixel_resolution!r}")
-    if map_kind not in MAP_KINDS:
-        raise ValueError(f"map_kind must be one of {MAP_KINDS}, got {map_kind!r}")
-    model, meta = load_run(run_dir, device)
-    if map_kind == "combined" and not model.kd:
-        raise RunError(f"{run_dir}: trained without distillation, so it has no student-teacher map; "
-                       "use --map head")
+    model, meta = _load_run_for_map(run_dir, device, map_kind)
     ts = read_test_set(data)
     out = out or os.path.join(run_dir, "test")
     os.makedirs(out, exist_ok=True)
