@@ -42,7 +42,8 @@ class Normals:
 
     def subset(self, idx) -> "Normals":
         """The normals at positions ``idx`` (skipped-file notes kept)."""
-        pick = lambda seq: None if seq is None else [seq[i] for i in idx]  # noqa: E731
+        def pick(seq):
+            return None if seq is None else [seq[i] for i in idx]
         return Normals(self.images[idx], self.means[idx], pick(self.names), pick(self.sources),
                        pick(self.foregrounds), self.skipped)
 
