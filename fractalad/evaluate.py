@@ -223,11 +223,14 @@ def held_out_normals(run_dir: str) -> np.ndarray | None:
                        "DATA/train/good) or re-run 'fractalad fit'") from None
 
 
-def calibration_normals(run_dir: str, data: str, size: int, channels: int) -> tuple[np.ndarray, str]:
-    """(normals, where from) for the combined map: held-out ones if the run has them."""
+def calibration_normals(run_dir: str, data: str | None, size: int, channels: int) -> tuple[np.ndarray, str]:
+    """(normals, where from): the run's held-out ones, else DATA/train/good (``data`` given)."""
     held = held_out_normals(run_dir)
     if held is not None:
         return held, f"{len(held)} held-out normals ({HOLDOUT_FILE})"
+    if data is None:
+        raise RunError(f"{run_dir}: no held-out normals; pass --normals DIR (good images not "
+                       "used in training), or train on shards made with --holdout")
     images = calibration_images(data, size, channels)
     return images, f"{len(images)} images of DATA/train/good (seen in training)"
 
@@ -247,11 +250,7 @@ def calibrate_run(run_dir: str, normals: str | None = None, quantile: float = 0.
         raise ValueError(f"quantile must be in (0, 1], got {quantile}")
     model, meta = _load_run_for_map(run_dir, device, map_kind)
     if normals is None:
-        images = held_out_normals(run_dir)
-        if images is None:
-            raise RunError(f"{run_dir}: no held-out normals; pass --normals DIR (good images not "
-                           "used in training), or train on shards made with --holdout")
-        source = f"{len(images)} held-out normals ({HOLDOUT_FILE})"
+        images, source = calibration_normals(run_dir, None, meta["size"], meta["channels"])
     else:
         images = preprocess(list_images(normals), meta["size"], meta["channels"])
         source = f"{len(images)} images of {os.path.abspath(normals)}"
@@ -469,7 +468,8 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
     (normals only) saved last (image: max of the map; pixel: the mask), else 0.5. ``tta``
     (flip-averaged maps), ``smooth`` (Gaussian sigma) and ``map_kind`` default to what was used
     for the saved thresholds, since they only hold for such maps; 'combined' needs saved scales.
-    Outputs keep each image's path below the folder given, so equal file names do not collide.
+    Outputs keep each image's path below the deepest folder holding all inputs, so equal file
+    names in different folders do not collide.
     """
     if map_kind is not None and map_kind not in MAP_KINDS:
         raise ValueError(f"map_kind must be one of {MAP_KINDS}, got {map_kind!r}")
