@@ -80,6 +80,8 @@ def main(argv=None):
                     help="share of training samples shown without their anomaly")
     ap.add_argument("--flips", action="store_true",
                     help="train on randomly flipped samples (horizontal and vertical)")
+    ap.add_argument("--zoom", type=float, default=1.0,
+                    help="train on samples magnified by a random factor in [1, ZOOM] (fit --zoom)")
     ap.add_argument("--decay-steps", type=int, default=0,
                     help="lower the learning rate linearly to 0 over the last N steps")
     ap.add_argument("--cooldown-steps", type=int, default=0,
@@ -113,7 +115,7 @@ def main(argv=None):
     work = args.out or tempfile.mkdtemp(prefix="bench_mtd_")
     cfg = FitConfig(backbone=args.backbone, weights=args.weights, kd=args.kd,
                     head_width=args.head_width, clean_share=args.clean_share, flips=args.flips,
-                    decay_steps=args.decay_steps,
+                    zoom=args.zoom, decay_steps=args.decay_steps,
                     epochs=args.epochs, steps=args.steps,
                     batch_size=args.batch_size, seed=args.seed,
                     device=args.device, workers=args.workers, cuda_graph=args.cuda_graph)
@@ -154,7 +156,8 @@ def main(argv=None):
     result = {
         "data": os.path.basename(os.path.normpath(args.data)), "device": dev,
         "backbone": args.backbone, "kd": args.kd, "head_width": args.head_width,
-        "clean_share": args.clean_share, "flips": args.flips, "decay_steps": args.decay_steps,
+        "clean_share": args.clean_share, "flips": args.flips, "zoom": args.zoom,
+        "decay_steps": args.decay_steps,
         "cuda_graph": args.cuda_graph,
         "mask_source": args.mask_source,
         "cut_scale": args.cut_scale, "region": args.region, "content": args.content,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from fractalsynth.color import P_CHROMA, P_LUMA, P_ROT
@@ -164,6 +165,24 @@ def random_flips(tensors, generator: torch.Generator):
         flip = (torch.rand(b, device=dev, generator=generator) < 0.5).view(-1, 1, 1, 1)
         out = [torch.where(flip, x.flip(dim), x) for x in out]
     return out
+
+
+def random_zoom(tensors, max_zoom: float, generator: torch.Generator):
+    """The same random magnification in [1, max_zoom] at a random position for each sample's
+    tensors; the last tensor (the mask) is resampled by nearest neighbour so it stays binary."""
+    b, dev = tensors[0].shape[0], tensors[0].device
+    u = torch.rand(3, b, device=dev, generator=generator)
+    scale = 1.0 / (1.0 + (max_zoom - 1.0) * u[0])  # the crop's side, as a fraction of the image
+    # the crop stays inside the image: its centre moves by at most 1 - scale (grid units)
+    theta = torch.zeros(b, 2, 3, device=dev)
+    theta[:, 0, 0] = theta[:, 1, 1] = scale
+    theta[:, 0, 2] = (2.0 * u[1] - 1.0) * (1.0 - scale)
+    theta[:, 1, 2] = (2.0 * u[2] - 1.0) * (1.0 - scale)
+    grid = F.affine_grid(theta, list(tensors[0].shape), align_corners=False)
+    *images, mask = tensors
+    out = [F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border",
+                         align_corners=False) for x in images]
+    return out + [F.grid_sample(mask, grid.to(mask.dtype), mode="nearest", align_corners=False)]
 
 
 def _collate_one(items):

@@ -23,7 +23,8 @@ import torch.distributed as dist
 from fractalsynth.shards import load_holdout
 
 from . import __version__
-from .data import DeviceNormals, RecordBatches, batch_order, make_loader, random_flips, show_clean
+from .data import (DeviceNormals, RecordBatches, batch_order, make_loader, random_flips,
+                   random_zoom, show_clean)
 from .model import FractalAD
 
 PAPER_EPOCH_SAMPLES = 391
@@ -43,6 +44,7 @@ class FitConfig:
     head_width: int | None = None  # None: the smallest stage width, as in the method
     clean_share: float = 0.0  # share of samples shown without their anomaly (the paper: 0)
     flips: bool = False  # random horizontal / vertical flips of each sample (the paper: none)
+    zoom: float = 1.0  # each sample magnified by a random factor in [1, zoom] (the paper: 1, none)
     decay_steps: int = 0  # the last N steps lower the learning rate linearly to 0 (the paper: 0)
     epochs: float = 100.0
     steps: int | None = None  # overrides epochs
@@ -62,6 +64,8 @@ class FitConfig:
     def __post_init__(self):
         if not 0.0 <= self.clean_share < 1.0:
             raise ValueError(f"clean_share must be in [0, 1), got {self.clean_share}")
+        if not 1.0 <= self.zoom <= 4.0:
+            raise ValueError(f"zoom must be in [1, 4], got {self.zoom}")
         if self.decay_steps < 0:
             raise ValueError(f"decay_steps must be >= 0, got {self.decay_steps}")
         if self.decay_steps and self.compile:
@@ -177,7 +181,7 @@ class Trainer:
 
     def to_inputs(self, batch):
         normal, anomalous, mask = self.normals.rebuild(batch)
-        if self.cfg.clean_share > 0 or self.cfg.flips:
+        if self.cfg.clean_share > 0 or self.cfg.flips or self.cfg.zoom > 1:
             # seeded by (seed, rank, step): a resumed run draws what an uninterrupted one would
             key = np.random.SeedSequence([self.cfg.seed, self.rank, self.step_count]).generate_state(1)
             self._step_rng.manual_seed(int(key[0]))
@@ -185,6 +189,8 @@ class Trainer:
             anomalous, mask = show_clean(normal, anomalous, mask, self.cfg.clean_share, self._step_rng)
         if self.cfg.flips:
             normal, anomalous, mask = random_flips((normal, anomalous, mask), self._step_rng)
+        if self.cfg.zoom > 1:
+            normal, anomalous, mask = random_zoom((normal, anomalous, mask), self.cfg.zoom, self._step_rng)
         if self.device.type == "cuda" and self.cfg.channels_last:
             normal = normal.contiguous(memory_format=torch.channels_last)
             anomalous = anomalous.contiguous(memory_format=torch.channels_last)

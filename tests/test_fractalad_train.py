@@ -101,6 +101,42 @@ def test_flips_move_each_sample_whole_and_follow_the_step(tiny_shards):
     assert not torch.equal(got[0][1], got[1][1])
 
 
+def test_random_zoom_crops_inside_the_image_and_keeps_the_mask_binary():
+    from fractalad.data import random_zoom
+    size, g = 32, torch.Generator().manual_seed(0)
+    cols = torch.arange(size, dtype=torch.float32).expand(8, 1, size, size)  # x = column
+    mask = (torch.rand(8, 1, size, size, generator=torch.Generator().manual_seed(1)) > 0.7).float()
+    same = random_zoom((cols, mask), 1.0, g)  # zoom 1: the identity
+    assert torch.allclose(same[0], cols, atol=1e-4) and torch.equal(same[1], mask)
+    ramp, zoomed_mask = random_zoom((cols, mask), 2.0, g)
+    steps = ramp[..., 1:] - ramp[..., :-1]  # one output pixel = 1/zoom input pixels
+    per_sample = steps.mean(dim=(1, 2, 3))
+    assert ((per_sample > 0.5 - 1e-4) & (per_sample < 1.0 + 1e-4)).all()
+    assert (per_sample < 0.99).any()  # some magnified
+    assert ramp.min() >= -1e-4 and ramp.max() <= size - 1 + 1e-4  # never past the border
+    assert set(torch.unique(zoomed_mask).tolist()) <= {0.0, 1.0}
+
+
+def test_zoom_moves_each_sample_whole_and_follows_the_step(tiny_shards):
+    tr = Trainer(tiny_shards, _cfg(steps=4, batch_size=16, zoom=1.5, kd=False))
+    batch = tr.batches[0]
+    got = []
+    for step in (0, 1, 0):
+        tr.step_count = step
+        got.append(tr.to_inputs(batch))
+    normal, anomalous, mask = got[0]
+    assert normal.shape == anomalous.shape and mask.shape[-2:] == normal.shape[-2:]
+    # the twin and the anomalous image differ only under (one pixel around) the zoomed mask
+    near_mask = torch.nn.functional.max_pool2d(mask, 3, stride=1, padding=1) > 0
+    differs = (normal - anomalous).abs().amax(1, keepdim=True) > 1e-5
+    assert not (differs & ~near_mask).any()
+    assert mask.sum() > 0 and not torch.equal(mask, tr.normals.rebuild(batch)[2])
+    assert all(torch.equal(x, y) for x, y in zip(got[0], got[2]))  # same (seed, step): same draw
+    assert not torch.equal(got[0][1], got[1][1])
+    with pytest.raises(ValueError, match="zoom"):
+        FitConfig(zoom=0.5)
+
+
 def test_training_lowers_the_loss(tiny_shards):
     torch.manual_seed(0)
     tr = Trainer(tiny_shards, _cfg(steps=30, lr=2e-3))
