@@ -53,3 +53,12 @@ def test_count_suffixes():
     from fractalsynth.paths import parse_count
     assert parse_count("10k") == 10000 and parse_count("1m") == 1000000
     assert parse_count("2.5k") == 2500 and parse_count(7) == 7
+
+
+def test_runs_as_a_module():
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-m", "fractalsynth", "generate", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "--holdout" in res.stdout
