@@ -226,9 +226,17 @@ class Trainer:
 
     def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"], strict=False)
+        flags = {k: self.opt.param_groups[0][k] for k in ("fused", "capturable")}
         self.opt.load_state_dict(state["optimizer"])
+        # saved groups carry the flags of the run that saved them (captured or eager, GPU or
+        # CPU); this run's optimizer keeps its own, and its step counts live where they expect
+        on_device = bool(flags["fused"] or flags["capturable"])
         for group in self.opt.param_groups:
+            group.update(flags)
             group["lr"] = self._rate_holder(group["lr"])
+        for param, slot in self.opt.state.items():
+            if "step" in slot:
+                slot["step"] = slot["step"].to(device=param.device if on_device else "cpu", dtype=torch.float32)
         self.step_count = int(state["step"])
         if isinstance(self._step_fn, GraphedStep):
             self._step_fn.reset()  # a captured graph would keep updating the replaced state
@@ -292,8 +300,9 @@ def _atomic_save(obj, path):
 
 # a resume may change these: the schedule (steps, epochs, decay) as long as the steps already
 # taken keep their learning rates, so N steps and then M more equal N + M in one go; the rest
-# only set how a run reports
-RESUME_MAY_CHANGE = ("epochs", "steps", "decay_steps", "workers", "log_every", "checkpoint_every")
+# set how a run executes or reports (a run captured on a GPU may go on eager, or on the CPU)
+RESUME_MAY_CHANGE = ("epochs", "steps", "decay_steps", "workers", "log_every", "checkpoint_every",
+                     "device", "compile", "cuda_graph")
 
 
 def _save_holdout(shards_dir: str, path: str) -> None:

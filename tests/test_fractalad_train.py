@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -6,7 +7,7 @@ import torch
 
 from fractalsynth.anomaly import AnomalyConfig
 from fractalsynth.generate import generate
-from fractalad.train import FitConfig, Trainer, fit
+from fractalad.train import FitConfig, Trainer, fit, run_metadata
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +161,34 @@ def test_checkpoint_resume_round_trips_exactly(tiny_shards):
     a, c = straight.model.trainable_state(), resumed.model.trainable_state()
     assert a.keys() == c.keys()
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_captured_runs_checkpoint_resumes_eager(tiny_shards, tmp_path):
+    cfg = _cfg(steps=6)
+    straight = Trainer(tiny_shards, cfg)
+    for b in straight.batches_from(0, 6, 0):
+        straight.step(b)
+    first = Trainer(tiny_shards, cfg)
+    for b in first.batches_from(0, 3, 0):
+        first.step(b)
+    saved = first.state()
+    # what a --cuda-graph run on a GPU saves: capturable groups, float32 step counts beside the
+    # parameters, and its own execution settings
+    for group in saved["optimizer"]["param_groups"]:
+        group.update(capturable=True, fused=True)
+    for slot in saved["optimizer"]["state"].values():
+        slot["step"] = slot["step"].to(torch.float32)
+    saved["config"].update(cuda_graph=True, device="cuda")
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(saved, run / "checkpoint.pt")
+    (run / "config.json").write_text(json.dumps(run_metadata(cfg, tiny_shards, first)))
+    fit(tiny_shards, str(run), cfg, resume=True, progress=False)
+    resumed = torch.load(run / "model.pt", weights_only=False)["model"]
+    a = straight.model.trainable_state()
+    assert all(torch.equal(a[k], resumed[k]) for k in a)
+    with pytest.raises(ValueError, match="other settings \\(lr\\)"):  # the model's own settings still may not
+        fit(tiny_shards, str(run), _cfg(steps=6, lr=5e-3), resume=True, progress=False)
 
 
 def test_cuda_graph_settings_are_checked(tiny_shards, tmp_path, monkeypatch):
