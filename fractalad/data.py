@@ -168,8 +168,7 @@ def random_flips(tensors, generator: torch.Generator):
 
 
 def random_zoom(tensors, max_zoom: float, generator: torch.Generator):
-    """The same random magnification in [1, max_zoom] at a random position for each sample's
-    tensors; the last tensor (the mask) is resampled by nearest neighbour so it stays binary."""
+    """Each sample's tensors magnified alike, by a random factor in [1, max_zoom] at a random spot."""
     b, dev = tensors[0].shape[0], tensors[0].device
     u = torch.rand(3, b, device=dev, generator=generator)
     scale = 1.0 / (1.0 + (max_zoom - 1.0) * u[0])  # the crop's side, as a fraction of the image
@@ -179,7 +178,7 @@ def random_zoom(tensors, max_zoom: float, generator: torch.Generator):
     theta[:, 0, 2] = (2.0 * u[1] - 1.0) * (1.0 - scale)
     theta[:, 1, 2] = (2.0 * u[2] - 1.0) * (1.0 - scale)
     grid = F.affine_grid(theta, list(tensors[0].shape), align_corners=False)
-    *images, mask = tensors
+    *images, mask = tensors  # the mask last: nearest neighbour keeps it binary
     out = [F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border",
                          align_corners=False) for x in images]
     return out + [F.grid_sample(mask, grid.to(mask.dtype), mode="nearest", align_corners=False)]
