@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 
@@ -145,7 +146,9 @@ def test_training_lowers_the_loss(tiny_shards):
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
 
 
-def test_checkpoint_resume_round_trips_exactly(tiny_shards):
+@pytest.fixture(scope="module")
+def six_steps_and_a_halfway_checkpoint(tiny_shards):
+    """(weights after 6 uninterrupted steps, a trainer stopped after 3, its checkpoint)."""
     cfg = _cfg(steps=6)
     straight = Trainer(tiny_shards, cfg)
     for b in straight.batches_from(0, 6, 0):
@@ -153,25 +156,24 @@ def test_checkpoint_resume_round_trips_exactly(tiny_shards):
     first = Trainer(tiny_shards, cfg)
     for b in first.batches_from(0, 3, 0):
         first.step(b)
-    saved = first.state()
-    resumed = Trainer(tiny_shards, cfg)
-    resumed.load_state(saved)
+    return straight.model.trainable_state(), first, first.state()
+
+
+def test_checkpoint_resume_round_trips_exactly(tiny_shards, six_steps_and_a_halfway_checkpoint):
+    a, _, saved = six_steps_and_a_halfway_checkpoint
+    resumed = Trainer(tiny_shards, _cfg(steps=6))
+    resumed.load_state(copy.deepcopy(saved))
     for b in resumed.batches_from(resumed.step_count, 6, 0):
         resumed.step(b)
-    a, c = straight.model.trainable_state(), resumed.model.trainable_state()
+    c = resumed.model.trainable_state()
     assert a.keys() == c.keys()
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_a_captured_runs_checkpoint_resumes_eager(tiny_shards, tmp_path):
-    cfg = _cfg(steps=6)
-    straight = Trainer(tiny_shards, cfg)
-    for b in straight.batches_from(0, 6, 0):
-        straight.step(b)
-    first = Trainer(tiny_shards, cfg)
-    for b in first.batches_from(0, 3, 0):
-        first.step(b)
-    saved = first.state()
+def test_a_captured_runs_checkpoint_resumes_eager(tiny_shards, tmp_path,
+                                                  six_steps_and_a_halfway_checkpoint):
+    a, first, saved = six_steps_and_a_halfway_checkpoint
+    cfg, saved = _cfg(steps=6), copy.deepcopy(saved)
     # what a --cuda-graph run on a GPU saves: capturable groups, float32 step counts beside the
     # parameters, and its own execution settings
     for group in saved["optimizer"]["param_groups"]:
@@ -185,9 +187,9 @@ def test_a_captured_runs_checkpoint_resumes_eager(tiny_shards, tmp_path):
     (run / "config.json").write_text(json.dumps(run_metadata(cfg, tiny_shards, first)))
     fit(tiny_shards, str(run), cfg, resume=True, progress=False)
     resumed = torch.load(run / "model.pt", weights_only=False)["model"]
-    a = straight.model.trainable_state()
     assert all(torch.equal(a[k], resumed[k]) for k in a)
-    with pytest.raises(ValueError, match="other settings \\(lr\\)"):  # the model's own settings still may not
+    # the run's own training settings still may not change
+    with pytest.raises(ValueError, match="other settings \\(lr\\)"):
         fit(tiny_shards, str(run), _cfg(steps=6, lr=5e-3), resume=True, progress=False)
 
 
