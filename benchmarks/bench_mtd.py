@@ -82,6 +82,8 @@ def main(argv=None):
                     help="train on randomly flipped samples (horizontal and vertical)")
     ap.add_argument("--zoom", type=float, default=1.0,
                     help="train on samples magnified by a random factor in [1, ZOOM] (fit --zoom)")
+    ap.add_argument("--input-blur", type=float, default=0.0,
+                    help="Gaussian sigma on every input, in training and inference (fit --input-blur)")
     ap.add_argument("--decay-steps", type=int, default=0,
                     help="lower the learning rate linearly to 0 over the last N steps")
     ap.add_argument("--cooldown-steps", type=int, default=0,
@@ -115,7 +117,7 @@ def main(argv=None):
     work = args.out or tempfile.mkdtemp(prefix="bench_mtd_")
     cfg = FitConfig(backbone=args.backbone, weights=args.weights, kd=args.kd,
                     head_width=args.head_width, clean_share=args.clean_share, flips=args.flips,
-                    zoom=args.zoom, decay_steps=args.decay_steps,
+                    zoom=args.zoom, input_blur=args.input_blur, decay_steps=args.decay_steps,
                     epochs=args.epochs, steps=args.steps,
                     batch_size=args.batch_size, seed=args.seed,
                     device=args.device, workers=args.workers, cuda_graph=args.cuda_graph)
@@ -156,7 +158,7 @@ def main(argv=None):
     result = {
         "data": os.path.basename(os.path.normpath(args.data)), "device": dev,
         "backbone": args.backbone, "kd": args.kd, "head_width": args.head_width,
-        "clean_share": args.clean_share, "flips": args.flips, "zoom": args.zoom,
+        "clean_share": args.clean_share, "flips": args.flips, "zoom": args.zoom, "input_blur": args.input_blur,
         "decay_steps": args.decay_steps,
         "cuda_graph": args.cuda_graph,
         "mask_source": args.mask_source,

@@ -49,6 +49,9 @@ def main():
 @click.option("--zoom", type=click.FloatRange(1, 4), default=1.0, show_default=True,
               help="Magnify each sample (its normal twin and mask alike) by a random factor in "
                    "[1, ZOOM] at a random position (the paper: 1, none).")
+@click.option("--input-blur", type=click.FloatRange(0, 8), default=0.0, show_default=True,
+              help="Gaussian sigma (pixels) on every input image, in training and at inference "
+                   "(the paper: 0, none).")
 @click.option("--decay-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Lower the learning rate linearly to 0 over the last N steps (the paper: 0).")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
@@ -62,18 +65,17 @@ def main():
                    "--steps / --epochs (and --decay-steps) extends a finished run.")
 @_fail_cleanly
 def fit(shards, out, backbone, weights, epochs, steps, batch_size, lr, weight_decay, seed, device,
-        workers, kd, head_width, clean_share, flips, zoom, decay_steps, preset, compile, cuda_graph,
-        checkpoint_every, resume):
+        workers, kd, head_width, clean_share, flips, zoom, input_blur, decay_steps, preset, compile,
+        cuda_graph, checkpoint_every, resume):
     """Train FractalAD from a shard dataset into a run folder."""
     from .train import FitConfig, fit as run
     if kd is None and preset:
         kd = PRESETS[preset]["kd"]
     given = dict(backbone=backbone, weights=weights, kd=kd, head_width=head_width,
-                 clean_share=clean_share, flips=flips, zoom=zoom, decay_steps=decay_steps,
-                 epochs=epochs, steps=steps, batch_size=batch_size, lr=lr,
-                 weight_decay=weight_decay, seed=seed,
-                 device=device, workers=workers, compile=compile, cuda_graph=cuda_graph,
-                 checkpoint_every=checkpoint_every)
+                 clean_share=clean_share, flips=flips, zoom=zoom, input_blur=input_blur,
+                 decay_steps=decay_steps, epochs=epochs, steps=steps, batch_size=batch_size,
+                 lr=lr, weight_decay=weight_decay, seed=seed, device=device, workers=workers,
+                 compile=compile, cuda_graph=cuda_graph, checkpoint_every=checkpoint_every)
     settings = _resumed_settings(out, given) if resume else given
     if settings["kd"] is None:
         settings["kd"] = True

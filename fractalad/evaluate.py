@@ -43,7 +43,8 @@ def load_run(run_dir: str, device: str | torch.device = "auto"):
                        f"this fractalad's ({RUN_SCHEMA} v{RUN_VERSION}); re-train with this version")
     fit = meta["fit"]
     device = pick_device(device) if isinstance(device, str) else device
-    model = FractalAD(fit["backbone"], fit["kd"], pretrained=False, head_width=fit.get("head_width"))
+    model = FractalAD(fit["backbone"], fit["kd"], pretrained=False, head_width=fit.get("head_width"),
+                      input_blur=fit.get("input_blur", 0.0))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), meta
 

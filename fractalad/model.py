@@ -57,6 +57,23 @@ def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor, smooth: float = 
     return bce + dice.mean()
 
 
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """The normalised 1-D Gaussian of ``sigma`` pixels over a radius of 3 sigma (at least 1)."""
+    radius = max(1, int(round(sigma * 3)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(images: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Each channel of [B, C, H, W] blurred by the separable ``kernel``, borders mirrored."""
+    c, r = images.shape[1], kernel.numel() // 2
+    k = kernel.to(images.dtype)
+    x = F.pad(images, (r, r, r, r), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
 def _conv_bn_relu(cin, cout, k=3):
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
                          nn.ReLU(inplace=True))
@@ -130,10 +147,15 @@ class FractalAD(nn.Module):
     """The detector. ``forward(images)`` gives anomaly-map logits; ``training_losses`` trains it."""
 
     def __init__(self, backbone: str = "efficientnet_lite0", kd: bool = True,
-                 weights: str | None = None, pretrained: bool = True, head_width: int | None = None):
+                 weights: str | None = None, pretrained: bool = True, head_width: int | None = None,
+                 input_blur: float = 0.0):
         super().__init__()
         self.backbone_name = backbone
         self.kd = kd
+        self.input_blur = input_blur
+        # derived from the setting, so not saved: runs without a blur load as before
+        self.register_buffer("blur_kernel", gaussian_kernel(input_blur) if input_blur > 0 else None,
+                             persistent=False)
         self.teacher = load_pretrained(backbone, weights) if pretrained else build_backbone(backbone)
         self.teacher.requires_grad_(False)
         self.student = build_backbone(backbone) if kd else None
@@ -160,8 +182,13 @@ class FractalAD(nn.Module):
             return self.training_losses(normal, images, mask)
         return self._inference(images)[2]
 
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """The images as the backbones see them: blurred first when the run was trained so."""
+        return images if self.blur_kernel is None else gaussian_blur(images, self.blur_kernel)
+
     def _inference(self, images: torch.Tensor):
         """(teacher features, student features or None, anomaly-map logits) of ``images``."""
+        images = self.prepare(images)
         with torch.no_grad():
             t = self.teacher(images)
         s = self.student(images) if self.kd else None
@@ -181,6 +208,7 @@ class FractalAD(nn.Module):
     def training_losses(self, normal: torch.Tensor, anomalous: torch.Tensor, mask: torch.Tensor):
         """(total, distillation, segmentation) losses of one batch."""
         b = normal.shape[0]
+        normal, anomalous = self.prepare(normal), self.prepare(anomalous)
         if self.kd:
             # one pass each for teacher and student; the student's batch-norm statistics span
             # both halves. Separate student passes (the anomalous one without autograd) train

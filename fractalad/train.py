@@ -45,6 +45,7 @@ class FitConfig:
     clean_share: float = 0.0  # share of samples shown without their anomaly (the paper: 0)
     flips: bool = False  # random horizontal / vertical flips of each sample (the paper: none)
     zoom: float = 1.0  # each sample magnified by a random factor in [1, zoom] (the paper: 1, none)
+    input_blur: float = 0.0  # Gaussian sigma (pixels) on every input, in training and inference
     decay_steps: int = 0  # the last N steps lower the learning rate linearly to 0 (the paper: 0)
     epochs: float = 100.0
     steps: int | None = None  # overrides epochs
@@ -64,6 +65,8 @@ class FitConfig:
     def __post_init__(self):
         if not 0.0 <= self.clean_share < 1.0:
             raise ValueError(f"clean_share must be in [0, 1), got {self.clean_share}")
+        if not 0.0 <= self.input_blur <= 8.0:
+            raise ValueError(f"input_blur must be in [0, 8], got {self.input_blur}")
         if not 1.0 <= self.zoom <= 4.0:
             raise ValueError(f"zoom must be in [1, 4], got {self.zoom}")
         if self.decay_steps < 0:
@@ -130,7 +133,7 @@ class Trainer:
         self.batches = RecordBatches(self.shards, cfg.batch_size)
         self.normals = DeviceNormals(self.shards, self.device)
         self.model = FractalAD(cfg.backbone, cfg.kd, cfg.weights, cfg.pretrained,
-                               cfg.head_width).to(self.device)
+                               cfg.head_width, cfg.input_blur).to(self.device)
         self.model.train()
         cuda = self.device.type == "cuda"
         if cuda:
