@@ -92,3 +92,36 @@ def test_texture_mode_has_no_student():
     n, a, m = torch.rand(2, 1, 64, 64), torch.rand(2, 1, 64, 64), torch.zeros(2, 1, 64, 64)
     total, kd, seg = model.training_losses(n, a, m)
     assert kd == 0 and torch.isfinite(total)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
+def test_gaussian_blur_matches_opencv(sigma):
+    import cv2
+    import numpy as np
+    from fractalad.model import gaussian_blur, gaussian_kernel
+    x = np.random.default_rng(0).random((2, 3, 20, 24)).astype(np.float32)
+    k = 2 * max(1, round(sigma * 3)) + 1  # OpenCV's default border (reflect 101) too
+    ref = np.stack([[cv2.GaussianBlur(c, (k, k), sigma) for c in im] for im in x])
+    got = gaussian_blur(torch.from_numpy(x), gaussian_kernel(sigma)).numpy()
+    assert np.abs(got - ref).max() < 1e-5
+
+
+def test_input_blur_is_part_of_the_model():
+    from fractalad.model import gaussian_blur, gaussian_kernel
+    torch.manual_seed(0)
+    plain = FractalAD("resnet18", kd=True, pretrained=False).eval()
+    blurred = FractalAD("resnet18", kd=True, pretrained=False, input_blur=0.7).eval()
+    assert plain.state_dict().keys() == blurred.state_dict().keys()  # runs load either way
+    blurred.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        pre = plain.map_pair(gaussian_blur(x, gaussian_kernel(0.7)))
+        assert torch.allclose(blurred.map_pair(x), pre, atol=1e-5)
+        assert not torch.allclose(plain.map_pair(x), pre, atol=1e-3)
+    # training sees the same blurred inputs: equal losses on blurred twins
+    mask = (torch.rand(2, 1, 64, 64) > 0.9).float()
+    a = [float(v) for v in blurred.train().training_losses(x, x.flip(-1), mask)[1:]]
+    b = [float(v) for v in plain.train().training_losses(gaussian_blur(x, gaussian_kernel(0.7)),
+                                                         gaussian_blur(x.flip(-1), gaussian_kernel(0.7)),
+                                                         mask)[1:]]
+    assert a == pytest.approx(b, rel=1e-5)

@@ -139,6 +139,16 @@ def test_zoom_moves_each_sample_whole_and_follows_the_step(tiny_shards):
         FitConfig(zoom=0.5)
 
 
+def test_a_runs_input_blur_comes_back_with_it(tiny_shards, tmp_path):
+    from fractalad.evaluate import load_run
+    fit(tiny_shards, str(tmp_path / "run"), _cfg(steps=1, input_blur=0.7), progress=False)
+    model, meta = load_run(str(tmp_path / "run"), "cpu")
+    assert meta["fit"]["input_blur"] == 0.7 and model.input_blur == 0.7
+    assert model.blur_kernel is not None and model.blur_kernel.numel() == 5
+    with pytest.raises(ValueError, match="input_blur"):
+        FitConfig(input_blur=-1.0)
+
+
 def test_training_lowers_the_loss(tiny_shards):
     torch.manual_seed(0)
     tr = Trainer(tiny_shards, _cfg(steps=30, lr=2e-3))
