@@ -67,11 +67,13 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
 
 def gaussian_blur(images: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """Each channel of [B, C, H, W] blurred by the separable ``kernel``, borders mirrored."""
-    c, r = images.shape[1], kernel.numel() // 2
+    b, c, h, w = images.shape
+    r = kernel.numel() // 2
     k = kernel.to(images.dtype)
-    x = F.pad(images, (r, r, r, r), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    # one single-channel image per plane: fixed-shape weights, which ONNX export needs
+    x = F.pad(images.reshape(b * c, 1, h, w), (r, r, r, r), mode="reflect")
+    x = F.conv2d(F.conv2d(x, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))
+    return x.reshape(b, c, h, w)
 
 
 def _conv_bn_relu(cin, cout, k=3):

@@ -380,3 +380,31 @@ def test_predict_keeps_sub_folders_apart(tiny_run, tmp_path):
     res = CliRunner().invoke(main, ["predict", run, str(src / "a"), "--out", str(tmp_path / "s"),
                                     "--device", "cpu"])
     assert res.exit_code == 2 and "would overwrite" in res.output and not os.path.exists(tmp_path / "s")
+
+
+def test_exports_keep_the_input_blur(tiny_run, tmp_path):
+    import shutil
+    from fractalad.evaluate import load_run
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run / "run", run)
+    state = torch.load(os.path.join(run, "model.pt"), weights_only=False)
+    state["meta"]["fit"]["input_blur"] = 0.8  # as a run trained with --input-blur 0.8 saves it
+    torch.save(state, os.path.join(run, "model.pt"))
+    model, meta = load_run(run, "cpu")
+    plain, _ = load_run(str(tiny_run / "run"), "cpu")
+    x = torch.rand(2, meta["channels"], meta["size"], meta["size"])
+    with torch.no_grad():
+        ref = model.anomaly_map(x).numpy()
+        # the tiny run's head map is nearly flat; its student-teacher map shows the blur
+        assert not torch.allclose(plain.map_pair(x)[:, 1], model.map_pair(x)[:, 1], atol=1e-3)
+    r = CliRunner()
+    ts = str(tmp_path / "m.pt")
+    assert r.invoke(main, ["export", run, "--format", "torchscript", "--out", ts]).exit_code == 0
+    with torch.no_grad():
+        np.testing.assert_allclose(torch.jit.load(ts)(x).numpy(), ref, atol=1e-5)
+    onnx_path = str(tmp_path / "m.onnx")
+    res = r.invoke(main, ["export", run, "--format", "onnx", "--out", onnx_path])
+    assert res.exit_code == 0, res.output
+    import onnxruntime as ort
+    out = ort.InferenceSession(onnx_path).run(None, {"images": x.numpy()})[0]
+    np.testing.assert_allclose(out, ref, atol=1e-4)
