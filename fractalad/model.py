@@ -186,7 +186,12 @@ class FractalAD(nn.Module):
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """The images as the backbones see them: blurred first when the run was trained so."""
-        return images if self.blur_kernel is None else gaussian_blur(images, self.blur_kernel)
+        if self.blur_kernel is None:
+            return images
+        out = gaussian_blur(images, self.blur_kernel)
+        if not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous(memory_format=torch.channels_last)  # what the GPU step feeds
+        return out
 
     def _inference(self, images: torch.Tensor):
         """(teacher features, student features or None, anomaly-map logits) of ``images``."""

@@ -118,6 +118,9 @@ def test_input_blur_is_part_of_the_model():
         pre = plain.map_pair(gaussian_blur(x, gaussian_kernel(0.7)))
         assert torch.allclose(blurred.map_pair(x), pre, atol=1e-5)
         assert not torch.allclose(plain.map_pair(x), pre, atol=1e-3)
+    nhwc = x.contiguous(memory_format=torch.channels_last)  # the GPU step's layout stays
+    assert blurred.prepare(nhwc).is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(blurred.prepare(nhwc), blurred.prepare(x))
     # training sees the same blurred inputs: equal losses on blurred twins
     mask = (torch.rand(2, 1, 64, 64) > 0.9).float()
     a = [float(v) for v in blurred.train().training_losses(x, x.flip(-1), mask)[1:]]
