@@ -158,9 +158,8 @@ def main(argv=None):
     result = {
         "data": os.path.basename(os.path.normpath(args.data)), "device": dev,
         "backbone": args.backbone, "kd": args.kd, "head_width": args.head_width,
-        "clean_share": args.clean_share, "flips": args.flips, "zoom": args.zoom, "input_blur": args.input_blur,
-        "decay_steps": args.decay_steps,
-        "cuda_graph": args.cuda_graph,
+        "clean_share": args.clean_share, "flips": args.flips, "zoom": args.zoom,
+        "input_blur": args.input_blur, "decay_steps": args.decay_steps, "cuda_graph": args.cuda_graph,
         "mask_source": args.mask_source,
         "cut_scale": args.cut_scale, "region": args.region, "content": args.content,
         "min_contrast": args.min_contrast, "thin": args.thin, "thin_width": args.thin_width,
