@@ -10,10 +10,11 @@ import click
 from fractalsynth.cli import fail_cleanly
 
 from .backbones import BACKBONES
-from .evaluate import MAP_KINDS
+from .evaluate import IMAGE_SCORES, MAP_KINDS
 from .model import PRESETS
 
 MAP_CHOICE = click.Choice(MAP_KINDS)
+SCORE_CHOICE = click.Choice(IMAGE_SCORES)
 _fail_cleanly = fail_cleanly(RuntimeError)
 
 
@@ -126,12 +127,14 @@ def _resumed_settings(out: str, given: dict) -> dict:
               show_default=True, help="The head's map (the paper), or head and student-teacher maps "
                                       "averaged, each scaled on the run's held-out normals or "
                                       "DATA/train/good (distillation runs).")
+@click.option("--image-score", type=SCORE_CHOICE, default="max", show_default=True,
+              help="The image score whose F1Max threshold is saved for 'predict' (both are reported).")
 @_fail_cleanly
-def test(run_dir, data, out, device, overlays, pixel_resolution, tta, smooth, map_kind):
+def test(run_dir, data, out, device, overlays, pixel_resolution, tta, smooth, map_kind, image_score):
     """Metrics (image_AUROC, pixel_AUROC, AUPRO, F1Max) per defect type, and overlays."""
     from .evaluate import format_table, test_run
     report = test_run(run_dir, data, out, device, overlays, pixel_resolution=pixel_resolution, tta=tta,
-                      smooth=smooth, map_kind=map_kind)
+                      smooth=smooth, map_kind=map_kind, image_score=image_score)
     click.echo(format_table(report["metrics"]))
     click.echo(f"{report['n_images']} images, {report['images_per_s']:.1f} images/s on "
                f"{report['device']}")
@@ -150,12 +153,14 @@ def test(run_dir, data, out, device, overlays, pixel_resolution, tta, smooth, ma
               help="Gaussian sigma on each map.")
 @click.option("--map", "map_kind", type=MAP_CHOICE, default="head", show_default=True,
               help="combined: also fits its scales on the same normals.")
+@click.option("--image-score", type=SCORE_CHOICE, default="max", show_default=True,
+              help="Threshold the max of each map or its mean (masks: always the max's quantile).")
 @_fail_cleanly
-def calibrate(run_dir, normals, quantile, device, tta, smooth, map_kind):
+def calibrate(run_dir, normals, quantile, device, tta, smooth, map_kind, image_score):
     """Thresholds for 'predict' from good images alone (no defect photos needed)."""
     from .evaluate import calibrate_run
     saved = calibrate_run(run_dir, normals, quantile, device, tta=tta, smooth=smooth,
-                          map_kind=map_kind)
+                          map_kind=map_kind, image_score=image_score)
     click.echo(f"threshold {saved['image']:.6f}: {saved['source']}; saved for 'predict'")
 
 
@@ -172,11 +177,14 @@ def calibrate(run_dir, normals, quantile, device, tta, smooth, map_kind):
               help="Gaussian sigma on each map (default: as 'test' did for the saved thresholds).")
 @click.option("--map", "map_kind", type=MAP_CHOICE, default=None,
               help="Which map (default: as 'test' did for the saved thresholds).")
+@click.option("--image-score", type=SCORE_CHOICE, default=None,
+              help="Decide on the max or the mean of each map (default: the saved thresholds' score).")
 @_fail_cleanly
-def predict(run_dir, paths, out, threshold, device, tta, smooth, map_kind):
+def predict(run_dir, paths, out, threshold, device, tta, smooth, map_kind, image_score):
     """Scores, heatmaps and binary masks for images or folders."""
     from .evaluate import predict as run
-    csv_path = run(run_dir, paths, out, threshold, device, tta=tta, smooth=smooth, map_kind=map_kind)
+    csv_path = run(run_dir, paths, out, threshold, device, tta=tta, smooth=smooth, map_kind=map_kind,
+                   image_score=image_score)
     click.echo(f"wrote {csv_path}")
 
 

@@ -112,6 +112,7 @@ def preprocess(paths, size: int, channels: int, sizes: list | None = None) -> np
 
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both
 MAP_KINDS = ("head", "combined")
+IMAGE_SCORES = ("max", "mean")
 NORM_QUANTILES = (0.9, 0.995)
 CALIBRATION_IMAGES = 200
 THRESHOLDS_FILE = "thresholds.json"
@@ -238,17 +239,19 @@ def calibration_normals(run_dir: str, data: str | None, size: int, channels: int
 
 def calibrate_run(run_dir: str, normals: str | None = None, quantile: float = 0.99,
                   device: str = "auto", batch_size: int = 32, tta: bool = False,
-                  smooth: float = 0.0, map_kind: str = "head") -> dict:
+                  smooth: float = 0.0, map_kind: str = "head", image_score: str = "max") -> dict:
     """Thresholds from normal images alone, for lines that have no defect photos.
 
-    The image threshold is the ``quantile`` of the normals' image scores (max of the map), and
-    the pixel threshold is the same number, so an image is flagged exactly when its mask is not
-    empty. ``normals``: a folder of good images the run never trained on; default: the run's
+    The pixel threshold is the ``quantile`` of the normals' max-of-map scores, so that share of
+    normals gets an empty mask. The image threshold is the same quantile of their
+    ``image_score`` ('max': the same number, so an image is flagged exactly when its mask is
+    not empty; 'mean': the mean of the map). ``normals``: a folder of good images the run never trained on; default: the run's
     held-out normals (``fractalsynth generate --holdout``). Saves thresholds.json for ``predict``
     (the combined map's scales come from the same normals) and returns it.
     """
     if not 0.0 < quantile <= 1.0:
         raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    _check_image_score(image_score)
     model, meta = _load_run_for_map(run_dir, device, map_kind)
     if normals is None:
         images, source = calibration_normals(run_dir, None, meta["size"], meta["channels"])
@@ -257,15 +260,28 @@ def calibrate_run(run_dir: str, normals: str | None = None, quantile: float = 0.
         source = f"{len(images)} images of {os.path.abspath(normals)}"
     norm = fit_map_norm(model, images, batch_size, tta) if map_kind == "combined" else None
     maps = smooth_maps(anomaly_maps(model, images, batch_size, tta, norm)[0], smooth)
-    scores = maps.reshape(len(maps), -1).max(1)
+    scores = image_scores(maps, image_score)
     threshold = float(np.quantile(scores, quantile))
-    saved = {"image": threshold, "pixel": threshold, "tta": tta, "smooth": smooth,
-             "map": map_kind, "map_norm": None if norm is None else asdict(norm),
-             "source": f"quantile {quantile} of the image scores of {source}",
+    pixel = float(np.quantile(image_scores(maps, "max"), quantile))
+    saved = {"image": threshold, "pixel": pixel, "image_score": image_score, "tta": tta,
+             "smooth": smooth, "map": map_kind, "map_norm": None if norm is None else asdict(norm),
+             "source": f"quantile {quantile} of the image scores ({image_score} of the map) of {source}",
              "normal_scores": {"median": float(np.median(scores)), "max": float(scores.max()),
                                "n": len(scores)}}
     _write_json(os.path.join(run_dir, THRESHOLDS_FILE), saved)
     return saved
+
+
+def _check_image_score(kind: str) -> None:
+    if kind not in IMAGE_SCORES:
+        raise ValueError(f"image_score must be one of {IMAGE_SCORES}, got {kind!r}")
+
+
+def image_scores(maps: np.ndarray, kind: str = "max") -> np.ndarray:
+    """One score per map [N, H, W]: its max (the paper's) or its mean."""
+    _check_image_score(kind)
+    flat = maps.reshape(len(maps), -1)
+    return flat.max(1) if kind == "max" else flat.mean(1)
 
 
 def smooth_maps(maps: np.ndarray, sigma: float) -> np.ndarray:
@@ -338,7 +354,8 @@ def _ground_truth(mask_path, shape) -> np.ndarray:
 
 def test_run(run_dir: str, data: str, out: str | None = None, device: str = "auto",
              n_overlays: int = 8, batch_size: int = 32, pixel_resolution: str = "model",
-             tta: bool = False, smooth: float = 0.0, map_kind: str = "head") -> dict:
+             tta: bool = False, smooth: float = 0.0, map_kind: str = "head",
+             image_score: str = "max") -> dict:
     """Score the test set: metrics.json, a table, thresholds, overlays of worst / best cases.
 
     ``pixel_resolution``: 'model' scores pixels at the model's input size; 'original' upsamples
@@ -348,10 +365,13 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
     PatchCore-style methods do (sigma 4 at 256 px); the paper: 0. ``map_kind``: 'head' (the
     paper's map) or 'combined' (head and student-teacher maps averaged, each first scaled by its
     quantiles on the run's held-out normals, else on up to 200 images of DATA/train/good;
-    distillation runs only). The thresholds saved for ``predict`` remember all three.
+    distillation runs only). ``image_score``: which score ('max' or 'mean' of the map) gets the
+    F1Max image threshold saved for ``predict`` and orders the overlays; metrics.json reports
+    both. The saved thresholds remember all four.
     """
     if pixel_resolution not in ("model", "original"):
         raise ValueError(f"pixel_resolution must be 'model' or 'original', got {pixel_resolution!r}")
+    _check_image_score(image_score)
     model, meta = _load_run_for_map(run_dir, device, map_kind)
     ts = read_test_set(data)
     out = out or os.path.join(run_dir, "test")
@@ -366,7 +386,7 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
     images = preprocess(ts.paths, size, ch, sizes)
     maps, ips = anomaly_maps(model, images, batch_size, tta, norm)
     maps = smooth_maps(maps, smooth)
-    smax, smean = maps.reshape(len(maps), -1).max(1), maps.reshape(len(maps), -1).mean(1)
+    smax, smean = image_scores(maps, "max"), image_scores(maps, "mean")
     if pixel_resolution == "model":
         px_maps, gts = list(maps), [_ground_truth(mp, (size, size)) for mp in ts.mask_paths]
     else:
@@ -381,11 +401,12 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
         pixel = ([px_maps[i] for i in px], [gts[i] for i in px]) \
             if (ts.labels[px] == 1).any() else (None, None)
         results[t] = detection_metrics(smax[sel], smean[sel], ts.labels[sel], *pixel)
-    thresholds = {"image": results["all"]["image_threshold"], "tta": tta, "smooth": smooth,
-                  "map": map_kind, "map_norm": None if norm is None else asdict(norm),
+    key = "image_threshold" if image_score == "max" else "image_threshold_mean"
+    thresholds = {"image": results["all"][key], "image_score": image_score, "tta": tta,
+                  "smooth": smooth, "map": map_kind, "map_norm": None if norm is None else asdict(norm),
                   "source": f"F1Max on {os.path.abspath(data)}"}
-    if "pixel_threshold" in results["all"]:
-        thresholds["pixel"] = results["all"]["pixel_threshold"]
+    # without masks the image-level max-of-map threshold is the best guess for the masks too
+    thresholds["pixel"] = results["all"].get("pixel_threshold", results["all"]["image_threshold"])
     report = {"metrics": results, "thresholds": thresholds, "images_per_s": ips,
               "device": str(next(model.parameters()).device), "n_images": len(ts.paths),
               "seconds": time.perf_counter() - t0, "data": os.path.abspath(data),
@@ -397,13 +418,14 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
     imgs_hwc = images.transpose(0, 2, 3, 1)
     defect = np.flatnonzero(ts.labels == 1)
     good = np.flatnonzero(ts.labels == 0)
-    scale = display_scale(map_kind, thresholds["image"])
-    picks = {"worst_defect": defect[np.argsort(smax[defect])[:n_overlays]],
-             "worst_good": good[np.argsort(-smax[good])[:n_overlays]],
-             "best_defect": defect[np.argsort(-smax[defect])[:n_overlays]]}
+    scale = display_scale(map_kind, thresholds["pixel"])
+    score = smax if image_score == "max" else smean
+    picks = {"worst_defect": defect[np.argsort(score[defect])[:n_overlays]],
+             "worst_good": good[np.argsort(-score[good])[:n_overlays]],
+             "best_defect": defect[np.argsort(-score[defect])[:n_overlays]]}
     for kind, idx in picks.items():
         for rank, i in enumerate(idx):
-            title = f"{kind} #{rank}: {ts.types[i]}/{os.path.basename(ts.paths[i])} score {smax[i]:.3f}"
+            title = f"{kind} #{rank}: {ts.types[i]}/{os.path.basename(ts.paths[i])} score {score[i]:.3f}"
             _write_rgb(os.path.join(out, f"{kind}_{rank:02d}.png"),
                        overlay(imgs_hwc[i], maps[i], _ground_truth(ts.mask_paths[i], (size, size))
                                if ts.mask_paths[i] else None, title, scale))
@@ -462,13 +484,16 @@ def _predict_inputs(inputs) -> list[tuple[str, str]]:
 
 def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
             device: str = "auto", batch_size: int = 32, tta: bool | None = None,
-            smooth: float | None = None, map_kind: str | None = None) -> str:
+            smooth: float | None = None, map_kind: str | None = None,
+            image_score: str | None = None) -> str:
     """Heatmaps, binary masks and a scores.csv for images or folders; returns the CSV path.
 
     Thresholds: ``threshold`` for both decisions, else those ``test`` (F1Max) or ``calibrate``
-    (normals only) saved last (image: max of the map; pixel: the mask), else 0.5. ``tta``
-    (flip-averaged maps), ``smooth`` (Gaussian sigma) and ``map_kind`` default to what was used
-    for the saved thresholds, since they only hold for such maps; 'combined' needs saved scales.
+    (normals only) saved last (image: on ``image_score``; pixel: the mask), else 0.5. ``tta``
+    (flip-averaged maps), ``smooth`` (Gaussian sigma), ``map_kind`` and ``image_score`` ('max'
+    or 'mean' of the map) default to what was used for the saved thresholds, since they only
+    hold for such maps; 'combined' needs saved scales, and a saved image threshold is refused
+    for the other image score.
     Outputs keep each image's path below the deepest folder holding all inputs, so equal file
     names in different folders do not collide.
     """
@@ -485,6 +510,13 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
     tta = bool(saved.get("tta", False)) if tta is None else tta
     smooth = float(saved.get("smooth", 0.0)) if smooth is None else smooth
     map_kind = saved.get("map", "head") if map_kind is None else map_kind
+    saved_score = saved.get("image_score", "max")  # thresholds.json before image_score: max
+    image_score = saved_score if image_score is None else image_score
+    _check_image_score(image_score)
+    if threshold is None and saved and image_score != saved_score:
+        raise RunError(f"{os.path.join(run_dir, THRESHOLDS_FILE)}: its image threshold is for the "
+                       f"{saved_score} of the map, not the {image_score}; re-run 'fractalad test' or "
+                       f"'calibrate' with --image-score {image_score}, or pass --threshold")
     norm = saved_map_norm(run_dir) if map_kind == "combined" else None
     scale = display_scale(map_kind, thresholds["pixel"])
     os.makedirs(os.path.join(out, "heatmap"), exist_ok=True)
@@ -494,7 +526,7 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
     with open(csv_path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "score_max", "score_mean", "anomalous", "image_threshold",
-                    "pixel_threshold"])
+                    "pixel_threshold", "image_score"])
         for s in range(0, len(named), batch_size):
             chunk = named[s:s + batch_size]
             sizes = []
@@ -507,7 +539,7 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
                 os.makedirs(os.path.dirname(mask), exist_ok=True)
                 _write_rgb(heat, _heat_overlay(img, m, scale))
                 _write_image(mask, ((full >= thresholds["pixel"]) * 255).astype(np.uint8))
-                w.writerow([p, f"{m.max():.6f}", f"{m.mean():.6f}",
-                            int(m.max() >= thresholds["image"]), f"{thresholds['image']:.6f}",
-                            f"{thresholds['pixel']:.6f}"])
+                score = m.max() if image_score == "max" else m.mean()
+                w.writerow([p, f"{m.max():.6f}", f"{m.mean():.6f}", int(score >= thresholds["image"]),
+                            f"{thresholds['image']:.6f}", f"{thresholds['pixel']:.6f}", image_score])
     return csv_path

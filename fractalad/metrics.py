@@ -18,7 +18,9 @@ class RankedScores:
     """Scores sorted once (descending), with cumulative counts at the end of each tie group."""
 
     def __init__(self, scores, labels, weights=None):
-        s = np.asarray(scores, dtype=np.float32).ravel()
+        s = np.asarray(scores).ravel()
+        # keep float64 scores exact, so that a threshold returned is one of the scores given
+        s = s if s.dtype in (np.float32, np.float64) else s.astype(np.float64)
         y = np.asarray(labels).ravel().astype(bool)
         order = np.argsort(-s)
         s_sorted = s[order]
@@ -119,12 +121,12 @@ def pixel_metrics(maps, masks, fpr_limit: float = 0.3) -> dict:
 
 def detection_metrics(image_scores_max, image_scores_mean, image_labels, maps=None, masks=None):
     """anomalib-named metrics: image level for both scores; pixel level where masks exist."""
-    img = RankedScores(image_scores_max, image_labels)
-    f1, thr = img.f1_max()
+    img, img_mean = RankedScores(image_scores_max, image_labels), RankedScores(image_scores_mean, image_labels)
+    (f1, thr), (f1_mean, thr_mean) = img.f1_max(), img_mean.f1_max()
     out = {
         "image_AUROC": img.auroc(), "image_F1Max": f1, "image_threshold": thr,
-        "image_AUROC_mean": auroc(image_scores_mean, image_labels),
-        "image_F1Max_mean": f1_max(image_scores_mean, image_labels)[0],
+        "image_AUROC_mean": img_mean.auroc(), "image_F1Max_mean": f1_mean,
+        "image_threshold_mean": thr_mean,
     }
     if maps is not None and masks is not None and len(maps):
         out.update(pixel_metrics(maps, masks))

@@ -12,7 +12,7 @@ from skimage.measure import label
 
 from fractalad.cli import main
 from fractalsynth.images import list_images
-from fractalad.metrics import aupro, auroc, f1_max, pixel_metrics
+from fractalad.metrics import aupro, auroc, detection_metrics, f1_max, pixel_metrics
 
 
 def _brute_auroc(s, y):
@@ -29,6 +29,12 @@ def _brute_f1(s, y):
         rec = tp / (y == 1).sum()
         best = max(best, 2 * prec * rec / (prec + rec) if prec + rec else 0)
     return best
+
+
+def _f1_at(s, y, t):
+    pred = s >= t
+    tp = (pred & (y == 1)).sum()
+    return 2 * tp / (pred.sum() + (y == 1).sum())
 
 
 def _brute_aupro(maps, masks, limit=0.3):
@@ -55,6 +61,11 @@ def test_metrics_match_brute_force(seed):
     y = (rng.random(60) < 0.4).astype(int)
     assert auroc(s, y) == pytest.approx(_brute_auroc(s, y), abs=1e-12)
     assert f1_max(s, y)[0] == pytest.approx(_brute_f1(s, y), abs=1e-12)
+    s_mean = np.round(rng.random(60), 2)
+    det = detection_metrics(s, s_mean, y)
+    assert det["image_F1Max_mean"] == pytest.approx(_brute_f1(s_mean, y), abs=1e-12)
+    assert _f1_at(s_mean, y, det["image_threshold_mean"]) == pytest.approx(_brute_f1(s_mean, y), abs=1e-12)
+    assert _f1_at(s, y, det["image_threshold"]) == pytest.approx(_brute_f1(s, y), abs=1e-12)
     masks = np.zeros((3, 12, 12), bool)
     masks[0, 2:5, 2:6] = True
     masks[0, 8:11, 7:9] = True
@@ -368,6 +379,58 @@ def test_calibrate_sets_thresholds_from_normals_alone(tiny_run, tmp_path):
     assert report["map_norm"] == dataclasses.asdict(norm)
     from fractalad.evaluate import display_scale
     assert display_scale("combined", 4.0) == 0.125 and display_scale("head", 4.0) == 1.0
+
+
+def test_the_mean_image_score_through_test_calibrate_and_predict(tiny_run, tmp_path):
+    from fractalad.evaluate import anomaly_maps, load_run, preprocess, read_test_set
+    r = CliRunner()
+    run, data = str(tmp_path / "run"), str(tiny_run / "data")
+    shutil.copytree(tiny_run / "run", run)
+    model, meta = load_run(run, "cpu")
+    ts = read_test_set(data)
+    maps = anomaly_maps(model, preprocess(ts.paths, meta["size"], meta["channels"]))[0]
+    smax, smean = maps.reshape(len(maps), -1).max(1), maps.reshape(len(maps), -1).mean(1)
+    res = r.invoke(main, ["test", run, "--data", data, "--device", "cpu", "--overlays", "0",
+                          "--image-score", "mean"])
+    assert res.exit_code == 0, res.output
+    saved = json.load(open(os.path.join(run, "thresholds.json")))
+    assert saved["image_score"] == "mean"
+    assert _f1_at(smean, ts.labels, saved["image"]) == pytest.approx(_brute_f1(smean, ts.labels), abs=1e-9)
+    assert saved["image"] <= smean.max() and saved["image"] < smax.min()  # a mean's threshold
+    good = str(tiny_run / "data" / "train" / "good")
+
+    def decisions(out, *extra):
+        res = r.invoke(main, ["predict", run, *ts.paths, "--out", str(tmp_path / out), "--device", "cpu", *extra])
+        assert res.exit_code == 0, res.output
+        rows = [line.split(",") for line in open(tmp_path / out / "scores.csv").read().splitlines()[1:]]
+        return np.array([int(row[3]) for row in rows]), {row[6] for row in rows}, float(rows[0][4])
+
+    flagged, kinds, thr = decisions("p_mean")  # default: the score the thresholds are for
+    assert kinds == {"mean"} and thr == pytest.approx(saved["image"], abs=1e-6)
+    np.testing.assert_array_equal(flagged, (smean >= saved["image"]).astype(int))
+    res = r.invoke(main, ["predict", run, *ts.paths, "--out", str(tmp_path / "p_max"), "--device", "cpu",
+                          "--image-score", "max"])
+    assert res.exit_code != 0 and "--image-score max" in res.output and "thresholds.json" in res.output
+    flagged, kinds, _ = decisions("p_max", "--image-score", "max", "--threshold", str(np.median(smax)))
+    assert kinds == {"max"}
+    np.testing.assert_array_equal(flagged, (smax >= float(str(np.median(smax)))).astype(int))
+
+    # calibrate: the image threshold on the mean, the masks' on the max
+    res = r.invoke(main, ["calibrate", run, "--normals", good, "--quantile", "0.5", "--device", "cpu",
+                          "--image-score", "mean"])
+    assert res.exit_code == 0, res.output
+    normals = preprocess(list_images(good), meta["size"], meta["channels"])
+    nmaps = anomaly_maps(model, normals)[0].reshape(len(normals), -1)
+    saved = json.load(open(os.path.join(run, "thresholds.json")))
+    assert saved["image_score"] == "mean" and "mean of the map" in saved["source"]
+    assert saved["image"] == pytest.approx(np.quantile(nmaps.mean(1), 0.5), abs=1e-6)
+    assert saved["pixel"] == pytest.approx(np.quantile(nmaps.max(1), 0.5), abs=1e-6)
+    res = r.invoke(main, ["predict", run, good, "--out", str(tmp_path / "p_cal"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    rows = [line.split(",") for line in open(tmp_path / "p_cal" / "scores.csv").read().splitlines()[1:]]
+    assert [int(row[3]) for row in rows] == [int(float(row[2]) >= saved["image"] - 5e-7) for row in rows]
+    assert sum(int(row[3]) for row in rows) == 2  # 3 normals, threshold at their median
+    assert r.invoke(main, ["calibrate", run, "--image-score", "median"]).exit_code == 2
 
 
 def test_predict_keeps_sub_folders_apart(tiny_run, tmp_path):
