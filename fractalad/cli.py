@@ -10,7 +10,7 @@ import click
 from fractalsynth.cli import fail_cleanly
 
 from .backbones import BACKBONES
-from .evaluate import IMAGE_SCORES, MAP_KINDS
+from .evaluate import IMAGE_SCORES, MAP_KINDS, NORMALS_QUANTILE
 from .model import PRESETS
 
 MAP_CHOICE = click.Choice(MAP_KINDS)
@@ -136,6 +136,13 @@ def test(run_dir, data, out, device, overlays, pixel_resolution, tta, smooth, ma
     report = test_run(run_dir, data, out, device, overlays, pixel_resolution=pixel_resolution, tta=tta,
                       smooth=smooth, map_kind=map_kind, image_score=image_score)
     click.echo(format_table(report["metrics"]))
+    op = report["held_out_operating_point"]
+    if op:
+        rates = op["flagged"]
+        found = ", ".join(f"{t} {100 * v:.1f} %" for t, v in rates.items() if t not in ("good", "all_defects"))
+        click.echo(f"at the {op['quantile']} quantile of {op['n_normals']} held-out normals ('calibrate'): "
+                   f"{100 * rates.get('good', float('nan')):.1f} % of good images flagged, "
+                   f"{100 * rates.get('all_defects', float('nan')):.1f} % of defective found ({found})")
     click.echo(f"{report['n_images']} images, {report['images_per_s']:.1f} images/s on "
                f"{report['device']}")
 
@@ -145,7 +152,8 @@ def test(run_dir, data, out, device, overlays, pixel_resolution, tta, smooth, ma
 @click.option("--normals", type=click.Path(file_okay=False), default=None,
               help="Good images the run never trained on (default: the run's held-out normals, "
                    "from 'fractalsynth generate --holdout').")
-@click.option("--quantile", type=click.FloatRange(0, 1, min_open=True), default=0.99, show_default=True,
+@click.option("--quantile", type=click.FloatRange(0, 1, min_open=True), default=NORMALS_QUANTILE,
+              show_default=True,
               help="The thresholds sit at this quantile of the normals' image scores.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--tta", is_flag=True, help="Flip-averaged maps.")

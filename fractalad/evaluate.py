@@ -114,6 +114,7 @@ FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both
 MAP_KINDS = ("head", "combined")
 IMAGE_SCORES = ("max", "mean")
 NORM_QUANTILES = (0.9, 0.995)
+NORMALS_QUANTILE = 0.99  # calibrate's default: 1 % of normals flagged
 CALIBRATION_IMAGES = 200
 THRESHOLDS_FILE = "thresholds.json"
 
@@ -237,7 +238,7 @@ def calibration_normals(run_dir: str, data: str | None, size: int, channels: int
     return images, f"{len(images)} images of DATA/train/good (seen in training)"
 
 
-def calibrate_run(run_dir: str, normals: str | None = None, quantile: float = 0.99,
+def calibrate_run(run_dir: str, normals: str | None = None, quantile: float = NORMALS_QUANTILE,
                   device: str = "auto", batch_size: int = 32, tta: bool = False,
                   smooth: float = 0.0, map_kind: str = "head", image_score: str = "max") -> dict:
     """Thresholds from normal images alone, for lines that have no defect photos.
@@ -282,6 +283,20 @@ def image_scores(maps: np.ndarray, kind: str = "max") -> np.ndarray:
     _check_image_score(kind)
     flat = maps.reshape(len(maps), -1)
     return flat.max(1) if kind == "max" else flat.mean(1)
+
+
+def held_out_operating_point(normal_scores: np.ndarray, scores: np.ndarray, types,
+                             quantile: float = NORMALS_QUANTILE) -> dict:
+    """What a threshold at the ``quantile`` of normals' image scores flags among test images of
+    each type ('good' included): the decision ``calibrate`` would set, judged on the test set."""
+    threshold = float(np.quantile(normal_scores, quantile))
+    types = np.asarray(types)
+    flagged = np.asarray(scores) >= threshold
+    rates = {t: float(flagged[types == t].mean()) for t in sorted(set(types.tolist()))}
+    if (types != "good").any():
+        rates["all_defects"] = float(flagged[types != "good"].mean())
+    return {"quantile": quantile, "threshold": threshold, "n_normals": len(normal_scores),
+            "flagged": rates}
 
 
 def smooth_maps(maps: np.ndarray, sigma: float) -> np.ndarray:
@@ -402,6 +417,12 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
             if (ts.labels[px] == 1).any() else (None, None)
         results[t] = detection_metrics(smax[sel], smean[sel], ts.labels[sel], *pixel)
     key = "image_threshold" if image_score == "max" else "image_threshold_mean"
+    score = smax if image_score == "max" else smean
+    operating_point = None
+    held = held_out_normals(run_dir)
+    if held is not None:  # the threshold 'calibrate' would set, without a defect photo
+        held_maps = smooth_maps(anomaly_maps(model, held, batch_size, tta, norm)[0], smooth)
+        operating_point = held_out_operating_point(image_scores(held_maps, image_score), score, types)
     thresholds = {"image": results["all"][key], "image_score": image_score, "tta": tta,
                   "smooth": smooth, "map": map_kind, "map_norm": None if norm is None else asdict(norm),
                   "source": f"F1Max on {os.path.abspath(data)}"}
@@ -412,14 +433,14 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
               "seconds": time.perf_counter() - t0, "data": os.path.abspath(data),
               "image_score": "max of the map (image_*_mean: mean of the map)",
               "pixel_resolution": pixel_resolution, "tta": tta, "smooth": smooth,
-              "map": map_kind, "map_norm": thresholds["map_norm"], "calibration": calibration}
+              "map": map_kind, "map_norm": thresholds["map_norm"], "calibration": calibration,
+              "held_out_operating_point": operating_point}
     _write_json(os.path.join(out, "metrics.json"), report)
     _write_json(os.path.join(run_dir, THRESHOLDS_FILE), thresholds)
     imgs_hwc = images.transpose(0, 2, 3, 1)
     defect = np.flatnonzero(ts.labels == 1)
     good = np.flatnonzero(ts.labels == 0)
     scale = display_scale(map_kind, thresholds["pixel"])
-    score = smax if image_score == "max" else smean
     picks = {"worst_defect": defect[np.argsort(score[defect])[:n_overlays]],
              "worst_good": good[np.argsort(-score[good])[:n_overlays]],
              "best_defect": defect[np.argsort(-score[defect])[:n_overlays]]}

@@ -337,7 +337,7 @@ def test_demo_dataset_has_masks_for_every_defect(tmp_path):
 def test_calibrate_sets_thresholds_from_normals_alone(tiny_run, tmp_path):
     from fractalsynth.anomaly import AnomalyConfig
     from fractalsynth.generate import generate
-    from fractalad.evaluate import anomaly_maps, load_run, preprocess, test_run
+    from fractalad.evaluate import anomaly_maps, load_run, preprocess, read_test_set, test_run
     from fractalad.train import FitConfig, fit
     r = CliRunner()
     run, data = str(tmp_path / "run"), tiny_run / "data"
@@ -377,8 +377,31 @@ def test_calibrate_sets_thresholds_from_normals_alone(tiny_run, tmp_path):
     report = test_run(held_run, str(data), str(tmp_path / "t"), "cpu", 0, map_kind="combined")
     assert report["calibration"].startswith("1 held-out normals")
     assert report["map_norm"] == dataclasses.asdict(norm)
+    # the test report judges calibrate's threshold on the test set
+    op = report["held_out_operating_point"]
+    assert op["n_normals"] == 1 and op["quantile"] == 0.99
+    assert op["threshold"] == pytest.approx(saved["image"], abs=1e-6)
+    ts = read_test_set(str(data))
+    scores = anomaly_maps(model, preprocess(ts.paths, 32, 1), norm=norm)[0].reshape(len(ts.paths), -1).max(1)
+    types = np.array(ts.types)
+    assert op["flagged"] == pytest.approx({"good": np.mean(scores[types == "good"] >= op["threshold"]),
+                                           "spot": np.mean(scores[types == "spot"] >= op["threshold"]),
+                                           "all_defects": np.mean(scores[types == "spot"] >= op["threshold"])})
+    assert 0 < op["flagged"]["good"] + op["flagged"]["spot"] < 2  # the check above can fail
+    res = r.invoke(main, ["test", held_run, "--data", str(data), "--device", "cpu", "--overlays", "0"])
+    assert res.exit_code == 0 and "held-out normals ('calibrate')" in res.output, res.output
+    assert test_run(run, str(data), str(tmp_path / "t2"), "cpu", 0)["held_out_operating_point"] is None
     from fractalad.evaluate import display_scale
     assert display_scale("combined", 4.0) == 0.125 and display_scale("head", 4.0) == 1.0
+
+
+def test_held_out_operating_point_counts_what_a_normals_quantile_flags():
+    from fractalad.evaluate import held_out_operating_point
+    op = held_out_operating_point(np.arange(101.0), np.array([50, 99, 100, 98.9, 3]),
+                                  ["good", "good", "crack", "crack", "hole"])
+    assert op["threshold"] == 99.0 and op["n_normals"] == 101  # flagged: score >= threshold
+    assert op["flagged"] == {"crack": 0.5, "good": 0.5, "hole": 0.0, "all_defects": 1 / 3}
+    assert "all_defects" not in held_out_operating_point(np.ones(3), np.ones(2), ["good"] * 2)["flagged"]
 
 
 def test_the_mean_image_score_through_test_calibrate_and_predict(tiny_run, tmp_path):
