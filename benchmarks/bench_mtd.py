@@ -38,7 +38,8 @@ def _rounded(metrics: dict) -> dict:
 
 def _test(run: str, work: str, prefix: str, args, seconds: dict) -> tuple[dict, dict]:
     """Test the run: its report, plus {"metrics_tta": ...} under --tta, {"metrics_smooth": ...}
-    under --smooth and {"metrics_combined": ...} under --combined; stages timed into ``seconds``."""
+    under --smooth and {"metrics_combined": ...} under --combined, and each test's
+    held_out_operating_point under --holdout; stages timed into ``seconds``."""
     from fractalad.evaluate import test_run
     variants = [("", {})] + [("_tta", {"tta": True})] * args.tta \
         + [("_smooth", {"smooth": args.smooth})] * bool(args.smooth) \
@@ -50,7 +51,14 @@ def _test(run: str, work: str, prefix: str, args, seconds: dict) -> tuple[dict, 
                                    device=args.device, n_overlays=4,
                                    pixel_resolution=args.pixel_resolution, **options)
         seconds[prefix + "test" + suffix] = time.perf_counter() - t
-    return reports[""], {"metrics" + k: _rounded(r["metrics"]) for k, r in reports.items() if k}
+    extra = {"metrics" + k: _rounded(r["metrics"]) for k, r in reports.items() if k}
+    for k, r in reports.items():  # runs on shards made with --holdout: calibrate's threshold, judged
+        op = r["held_out_operating_point"]
+        if op:
+            extra["held_out_operating_point" + k] = {
+                "threshold": round(op["threshold"], 6), "n_normals": op["n_normals"],
+                "flagged": {t: round(v, 4) for t, v in op["flagged"].items()}}
+    return reports[""], extra
 
 
 def main(argv=None):
