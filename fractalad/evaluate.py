@@ -246,9 +246,10 @@ def calibrate_run(run_dir: str, normals: str | None = None, quantile: float = NO
     The pixel threshold is the ``quantile`` of the normals' max-of-map scores, so that share of
     normals gets an empty mask. The image threshold is the same quantile of their
     ``image_score`` ('max': the same number, so an image is flagged exactly when its mask is
-    not empty; 'mean': the mean of the map). ``normals``: a folder of good images the run never trained on; default: the run's
-    held-out normals (``fractalsynth generate --holdout``). Saves thresholds.json for ``predict``
-    (the combined map's scales come from the same normals) and returns it.
+    not empty; 'mean': the mean of the map). ``normals``: a folder of good images the run
+    never trained on; default: the run's held-out normals (``fractalsynth generate
+    --holdout``). Saves thresholds.json for ``predict`` (the combined map's scales come from
+    the same normals) and returns it.
     """
     if not 0.0 < quantile <= 1.0:
         raise ValueError(f"quantile must be in (0, 1], got {quantile}")
@@ -431,7 +432,8 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
     report = {"metrics": results, "thresholds": thresholds, "images_per_s": ips,
               "device": str(next(model.parameters()).device), "n_images": len(ts.paths),
               "seconds": time.perf_counter() - t0, "data": os.path.abspath(data),
-              "image_score": "max of the map (image_*_mean: mean of the map)",
+              "image_score": "max of the map (image_*_mean: mean of the map; thresholds.image_score: "
+                             "the one thresholded)",
               "pixel_resolution": pixel_resolution, "tta": tta, "smooth": smooth,
               "map": map_kind, "map_norm": thresholds["map_norm"], "calibration": calibration,
               "held_out_operating_point": operating_point}
