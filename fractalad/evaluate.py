@@ -418,7 +418,7 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
             if (ts.labels[px] == 1).any() else (None, None)
         results[t] = detection_metrics(smax[sel], smean[sel], ts.labels[sel], *pixel)
     key = "image_threshold" if image_score == "max" else "image_threshold_mean"
-    score = smax if image_score == "max" else smean
+    score = {"max": smax, "mean": smean}[image_score]
     operating_point = None
     held = held_out_normals(run_dir)
     if held is not None:  # the threshold 'calibrate' would set, without a defect photo
@@ -555,14 +555,15 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
             sizes = []
             imgs = preprocess([p for p, _ in chunk], size, ch, sizes)
             maps = smooth_maps(anomaly_maps(model, imgs, batch_size, tta, norm)[0], smooth)
-            for (p, name), img, m, (h0, w0) in zip(chunk, imgs.transpose(0, 2, 3, 1), maps, sizes):
+            decided = image_scores(maps, image_score)
+            for (p, name), img, m, score, (h0, w0) in zip(chunk, imgs.transpose(0, 2, 3, 1), maps,
+                                                          decided, sizes):
                 full = cv2.resize(m, (w0, h0), interpolation=cv2.INTER_LINEAR)
                 heat, mask = (os.path.join(out, kind, f"{name}.png") for kind in ("heatmap", "mask"))
                 os.makedirs(os.path.dirname(heat), exist_ok=True)
                 os.makedirs(os.path.dirname(mask), exist_ok=True)
                 _write_rgb(heat, _heat_overlay(img, m, scale))
                 _write_image(mask, ((full >= thresholds["pixel"]) * 255).astype(np.uint8))
-                score = m.max() if image_score == "max" else m.mean()
                 w.writerow([p, f"{m.max():.6f}", f"{m.mean():.6f}", int(score >= thresholds["image"]),
                             f"{thresholds['image']:.6f}", f"{thresholds['pixel']:.6f}", image_score])
     return csv_path
