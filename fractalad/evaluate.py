@@ -515,8 +515,8 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
     (normals only) saved last (image: on ``image_score``; pixel: the mask), else 0.5. ``tta``
     (flip-averaged maps), ``smooth`` (Gaussian sigma), ``map_kind`` and ``image_score`` ('max'
     or 'mean' of the map) default to what was used for the saved thresholds, since they only
-    hold for such maps; 'combined' needs saved scales, and a saved image threshold is refused
-    for the other image score.
+    hold for such maps; 'combined' needs saved scales, and saved thresholds are refused for
+    another map or image score.
     Outputs keep each image's path below the deepest folder holding all inputs, so equal file
     names in different folders do not collide.
     """
@@ -536,10 +536,14 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
     saved_score = saved.get("image_score", "max")  # thresholds.json before image_score: max
     image_score = saved_score if image_score is None else image_score
     _check_image_score(image_score)
-    if threshold is None and saved and image_score != saved_score:
-        raise RunError(f"{os.path.join(run_dir, THRESHOLDS_FILE)}: its image threshold is for the "
-                       f"{saved_score} of the map, not the {image_score}; re-run 'fractalad test' or "
-                       f"'calibrate' with --image-score {image_score}, or pass --threshold")
+    # a threshold only holds for the score it was set on: the combined map is not on the
+    # head's 0-1 scale, and a mean of the map sits far below its max
+    for option, was, now in (("--map", saved.get("map", "head"), map_kind),
+                             ("--image-score", saved_score, image_score)):
+        if threshold is None and saved and was != now:
+            raise RunError(f"{os.path.join(run_dir, THRESHOLDS_FILE)}: its thresholds are for "
+                           f"{option} {was}, not {now}; re-run 'fractalad test' or 'calibrate' "
+                           f"with {option} {now}, or pass --threshold")
     norm = saved_map_norm(run_dir) if map_kind == "combined" else None
     scale = display_scale(map_kind, thresholds["pixel"])
     os.makedirs(os.path.join(out, "heatmap"), exist_ok=True)

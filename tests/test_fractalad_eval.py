@@ -266,13 +266,20 @@ def test_combined_maps_scale_head_and_student_teacher_maps_on_normals(tiny_run, 
     want = {"combined": anomaly_maps(model, imgs, norm=expect_norm)[0].reshape(6, -1).max(1),
             "head": anomaly_maps(model, imgs)[0].reshape(6, -1).max(1)}
     assert np.abs(want["combined"] - want["head"]).min() > 1e-5
+    head = ["--map", "head", "--threshold", "0.5"]  # the saved thresholds are the combined map's
     for flag, expect in ((None, want["combined"]), ("head", want["head"])):  # default: as 'test' did
         res = CliRunner().invoke(main, ["predict", run, *paths, "--out", str(tmp_path / f"p{flag}"),
-                                        "--device", "cpu"] + ([] if flag is None else ["--map", flag]))
+                                        "--device", "cpu"] + ([] if flag is None else head))
         assert res.exit_code == 0, res.output
         with open(tmp_path / f"p{flag}" / "scores.csv") as fh:
-            got = np.array([float(row.split(",")[1]) for row in fh.read().splitlines()[1:]])
-        np.testing.assert_allclose(got, expect, atol=1e-5)
+            rows = [row.split(",") for row in fh.read().splitlines()[1:]]
+        np.testing.assert_allclose([float(row[1]) for row in rows], expect, atol=1e-5)
+        thr = saved["image"] if flag is None else 0.5
+        assert [int(row[3]) for row in rows] == [int(v >= thr) for v in np.array(expect, np.float32)]
+    res = CliRunner().invoke(main, ["predict", run, *paths, "--out", str(tmp_path / "p_refused"),
+                                    "--device", "cpu", "--map", "head"])
+    assert res.exit_code == 2 and "--map combined, not head" in res.output
+    assert not os.path.exists(tmp_path / "p_refused")
     x = torch.from_numpy(imgs).float() / 255
     combined = anomaly_maps(model, imgs, norm=expect_norm)[0]
     ts = str(tmp_path / "combined.pt")
