@@ -257,8 +257,8 @@ def load_pretrained(name: str, weights: str | None = None, with_head: bool = Fal
     """A backbone with ImageNet weights; a clear error if any stage parameter is missing."""
     net = build_backbone(name, with_head)
     state = imagenet_state_dict(name, weights)
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    loaded = net.load_state_dict(state, strict=False)  # extra keys (a classifier) are fine
+    missing = [k for k in loaded.missing_keys if not k.endswith("num_batches_tracked")]
     if missing:
         raise RuntimeError(f"the weights for {name} lack {len(missing)} parameters "
                            f"(e.g. {missing[0]}); is the file a {name} checkpoint?")
