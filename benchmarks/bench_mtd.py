@@ -70,7 +70,8 @@ def main(argv=None):
     ap.add_argument("--epochs", type=float, default=100.0)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--mask-source", default="fractal", choices=["fractal", "perlin", "rectangle"])
+    ap.add_argument("--mask-source", default="fractal",
+                    help="fractal, perlin, rectangle, or a mix such as fractal=0.5,rectangle=0.5")
     ap.add_argument("--placement", default="uniform")
     ap.add_argument("--cut-scale", default="0.1-0.5", help="anomaly size range, fraction of the side")
     ap.add_argument("--region", default="0.1-0.9", help="uniform placement band (0-1: anywhere)")
@@ -118,7 +119,7 @@ def main(argv=None):
 
     import torch
 
-    from fractalsynth.anomaly import AnomalyConfig, parse_content
+    from fractalsynth.anomaly import AnomalyConfig, parse_mix
     from fractalsynth.generate import generate
     from fractalad.train import FitConfig, fit
 
@@ -137,7 +138,7 @@ def main(argv=None):
     generate(os.path.join(args.data, "train", "good"), shards, n,
              AnomalyConfig(size=args.size, mask_source=args.mask_source, placement=args.placement,
                            cut_scale=_range(args.cut_scale), region=_range(args.region),
-                           content=parse_content(args.content),
+                           content=parse_mix(args.content, "content"),
                            min_contrast=args.min_contrast, thin=args.thin,
                            thin_width=_range(args.thin_width, int),
                            dilate_iterations=args.dilate),

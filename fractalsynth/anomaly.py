@@ -53,7 +53,7 @@ class AnomalyConfig:
     channels: str = "auto"  # "auto" (grey stays grey), "grey" or "rgb"
     placement: str = "uniform"
     content: tuple = (("same", 1.0),)  # (name, proportion) pairs
-    mask_source: str = "fractal"
+    mask_source: str = "fractal"  # one source, or a mix such as "fractal=0.5,rectangle=0.5"
     blend: str = "paste"
     opacity: tuple = (0.5, 1.0)  # alpha blend: the patch's weight ~ U(lo, hi)
     cut_scale: tuple = (0.1, 0.5)
@@ -76,20 +76,15 @@ class AnomalyConfig:
         if isinstance(content, dict):
             content = tuple(content.items())
         elif isinstance(content, str):
-            content = parse_content(content)
+            content = parse_mix(content, "content")
         object.__setattr__(self, "content", tuple((str(k), float(v)) for k, v in content))
+        object.__setattr__(self, "mask_source", _canonical_mix(self.mask_source))
         ifs.check_size(self.size, self.size)
         _check_choice("resolution", self.resolution, ("output", "source"))
         _check_choice("channels", self.channels, ("auto", "grey", "rgb"))
         _check_choice("placement", self.placement, PLACEMENTS)
-        _check_choice("mask_source", self.mask_source, MASK_SOURCES)
         _check_choice("blend", self.blend, BLENDS)
-        for name, weight in self.content:
-            _check_choice("content", name, CONTENTS)
-            if weight < 0:
-                raise ValueError(f"content proportion of {name!r} must be >= 0, got {weight}")
-        if sum(w for _, w in self.content) <= 0:
-            raise ValueError("content proportions must not all be 0")
+        _check_mix("content", self.content, CONTENTS)
         for name in ("opacity", "cut_scale", "fg_cut_scale", "rotation", "region", "thin_width"):
             lo, hi = getattr(self, name)
             if lo > hi or lo < 0:
@@ -130,18 +125,53 @@ def _check_choice(name, value, allowed):
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
 
 
-def parse_content(text: str) -> tuple:
+_MIXES = {"content": (CONTENTS, "same=0.7,noise=0.3"),
+          "mask_source": (MASK_SOURCES, "fractal=0.5,rectangle=0.5")}
+
+
+def parse_mix(text: str, what: str = "content") -> tuple:
     """'same=0.7,texture=0.3' -> (('same', 0.7), ('texture', 0.3)); a bare name weighs 1."""
+    allowed, example = _MIXES[what]
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, weight = part.partition("=")
         try:
             out.append((name.strip(), float(weight) if weight else 1.0))
         except ValueError:
-            raise ValueError(f"bad content proportion {part!r}; use e.g. same=0.7,noise=0.3") from None
+            raise ValueError(f"bad {what} proportion {part!r}; use e.g. {example}") from None
     if not out:
-        raise ValueError("content must name at least one of " + ", ".join(CONTENTS))
+        raise ValueError(f"{what} must name at least one of " + ", ".join(allowed))
     return tuple(out)
+
+
+def _check_mix(what: str, mix: tuple, allowed: tuple):
+    for name, weight in mix:
+        _check_choice(what, name, allowed)
+        if weight < 0:
+            raise ValueError(f"{what} proportion of {name!r} must be >= 0, got {weight}")
+    if sum(w for _, w in mix) <= 0:
+        raise ValueError(f"{what} proportions must not all be 0")
+
+
+def _canonical_mix(text: str) -> str:
+    """A mask-source mix as one canonical string: the bare name when one source has weight."""
+    mix = parse_mix(str(text), "mask_source")
+    _check_mix("mask_source", mix, MASK_SOURCES)
+    used = [(n, w) for n, w in mix if w > 0]
+    if len(used) == 1:
+        return used[0][0]
+    return ",".join(f"{n}={w:g}" for n, w in used)
+
+
+def _cumulative(mix: tuple):
+    """(names, cumulative probabilities) of a (name, weight) mix, for ``_pick``."""
+    weights = np.array([w for _, w in mix], dtype=np.float64)
+    return [n for n, _ in mix], np.cumsum(weights / weights.sum())
+
+
+def _pick(rng, names_cum) -> str:
+    names, cum = names_cum
+    return names[min(int(np.searchsorted(cum, rng.random(), side="right")), len(names) - 1)]
 
 
 @dataclass
@@ -183,16 +213,16 @@ def perlin_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return mask
 
 
-def _shape_mask(rng, cfg: AnomalyConfig, c: int) -> np.ndarray:
-    """The anomaly's shape at c x c (uint8 0/1) from the configured mask source."""
-    if cfg.mask_source == "rectangle":
+def shape_mask(rng, source: str, c: int, ifs_cfg: ifs.IFSConfig) -> np.ndarray:
+    """An anomaly shape at c x c (uint8 0/1): a fractal, a Perlin-noise blob or a full square."""
+    if source == "rectangle":
         return np.ones((c, c), np.uint8)
-    if cfg.mask_source == "perlin":
+    if source == "perlin":
         return perlin_mask(rng, c, c)
     out = np.empty((c, c), np.uint8)
     maps = np.zeros((ifs.MAX_MAPS, ifs.PARAM_COLS))
     key = np.uint64(int(rng.integers(0, 2 ** 63)))
-    ifs.make_fractal_mask(key, cfg.ifs.as_array(), out, maps)
+    ifs.make_fractal_mask(key, ifs_cfg.as_array(), out, maps)
     return (out > 0).view(np.uint8)
 
 
@@ -308,11 +338,10 @@ def _bbox(mask: np.ndarray):
 # ---------------------------------------------------------------- the synthesis
 
 
-def _paste(rng, image, fg, cfg, pool, textures, content_p):
+def _paste(rng, image, fg, cfg, pool, textures, mixes):
     """Steps 1-4 on ``image``: the pasted region (y, x, pixels, alpha) and the content kind."""
-    names, cum = content_p
-    kind = CONTENTS.index(names[min(int(np.searchsorted(cum, rng.random(), side="right")),
-                                    len(names) - 1)])
+    content_p, source_p = mixes
+    kind = CONTENTS.index(_pick(rng, content_p))
     for attempt in range(_MAX_TRIES):
         c, (sy, sx), (dy, dx) = choose_locations(rng, image.shape, cfg.placement, fg,
                                                  cfg.cut_scale, cfg.fg_cut_scale, cfg.region)
@@ -324,7 +353,9 @@ def _paste(rng, image, fg, cfg, pool, textures, content_p):
             patch = patch[::-1]
         patch = np.ascontiguousarray(patch)
         patch, alpha = _rotate(patch, rng.uniform(*cfg.rotation))
-        alpha &= _shape_mask(rng, cfg, c)
+        # one source draws nothing, so single-source datasets keep their bytes
+        source = source_p[0][0] if len(source_p[0]) == 1 else _pick(rng, source_p)
+        alpha &= shape_mask(rng, source, c, cfg.ifs)
         if cfg.thin > 0 and rng.random() < cfg.thin:
             alpha = skeleton_lines(alpha, int(rng.integers(cfg.thin_width[0], cfg.thin_width[1] + 1)))
         if not alpha.any():
@@ -373,11 +404,10 @@ def synthesize_record(normal: np.ndarray, rng: np.random.Generator, cfg: Anomaly
     With ``cfg.resolution == 'source'``, ``source`` (the full-resolution image with the same
     channels) is where the paste happens before resizing to ``normal``'s size.
     """
-    weights = np.array([w for _, w in cfg.content], dtype=np.float64)
-    content_p = ([n for n, _ in cfg.content], np.cumsum(weights / weights.sum()))
+    mixes = (_cumulative(cfg.content), _cumulative(parse_mix(cfg.mask_source, "mask_source")))
     s = normal.shape[0]
     if cfg.resolution == "source" and source is not None and source.shape[:2] != normal.shape[:2]:
-        dy, dx, pasted, alpha, kind = _paste(rng, source, fg, cfg, pool, textures, content_p)
+        dy, dx, pasted, alpha, kind = _paste(rng, source, fg, cfg, pool, textures, mixes)
         anomalous = source.copy()
         anomalous[dy:dy + alpha.shape[0], dx:dx + alpha.shape[1]] = pasted
         full_mask = np.zeros(source.shape[:2], np.uint8)
@@ -389,7 +419,7 @@ def synthesize_record(normal: np.ndarray, rng: np.random.Generator, cfg: Anomaly
                       min(s - 1, (dx + alpha.shape[1] // 2) * s // source.shape[1])] = 1
         y, x, crop, mask, jit = _finish(rng, normal, anomalous, full_mask, 0, 0, cfg, True)
         return AnomalyRecord(y, x, crop, mask, jit, kind)
-    dy, dx, pasted, alpha, kind = _paste(rng, normal, fg, cfg, pool, textures, content_p)
+    dy, dx, pasted, alpha, kind = _paste(rng, normal, fg, cfg, pool, textures, mixes)
     c = alpha.shape[0]
     pad = cfg.dilate_iterations
     y0, x0 = max(0, dy - pad), max(0, dx - pad)

@@ -9,7 +9,7 @@ import time
 
 import click
 
-from .anomaly import BLENDS, CONTENTS, MASK_SOURCES, AnomalyConfig, parse_content
+from .anomaly import BLENDS, CONTENTS, MASK_SOURCES, AnomalyConfig, parse_mix
 from .ifs import IFSConfig
 from .paths import parse_count
 from .placement import MVTEC_CATEGORIES, PLACEMENTS, preset_placement
@@ -96,8 +96,9 @@ def synth_options(fn):
                      help="MVTec AD category: the method's placement for it."),
         click.option("--content", default="same", show_default=True,
                      help=f"Anomaly content mix, e.g. same=0.7,noise=0.3 ({', '.join(CONTENTS)})."),
-        click.option("--mask-source", type=click.Choice(MASK_SOURCES), default="fractal",
-                     show_default=True, help="Shape of the anomalies (ablations: perlin, rectangle)."),
+        click.option("--mask-source", default="fractal", show_default=True,
+                     help=f"Shape of the anomalies ({', '.join(MASK_SOURCES)}; the paper's ablations), "
+                          "or a mix, e.g. fractal=0.5,rectangle=0.5."),
         click.option("--blend", type=click.Choice(BLENDS), default="paste", show_default=True),
         click.option("--opacity", default="0.5-1.0", show_default=True,
                      help="Patch weight range for --blend alpha."),
@@ -131,7 +132,7 @@ def _synth_config(size, placement, preset, content, mask_source, blend, opacity,
                   **kw) -> AnomalyConfig:
     if placement is None:
         placement = preset_placement(preset) if preset else "uniform"
-    return AnomalyConfig(size=size, placement=placement, content=parse_content(content),
+    return AnomalyConfig(size=size, placement=placement, content=parse_mix(content, "content"),
                          mask_source=mask_source, blend=blend,
                          opacity=_range(opacity, "--opacity"),
                          cut_scale=_range(cut_scale, "--cut-scale"),

@@ -2,7 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
-from fractalsynth.anomaly import CONTENTS, AnomalyConfig, FractalAnomaly, compose, parse_content
+from fractalsynth.anomaly import CONTENTS, AnomalyConfig, FractalAnomaly, compose, parse_mix
 from fractalsynth.color import jitter
 from fractalsynth.images import ImageError
 
@@ -46,6 +46,24 @@ def test_invariants_every_content_and_placement(content, placement):
 def test_invariants_mask_sources_and_blends(mask_source, blend):
     gen = FractalAnomaly(size=64, seed=2, mask_source=mask_source, blend=blend)
     _check_invariants(gen, _image(), 30)
+
+
+def test_mask_source_mix_draws_both_shapes_and_single_sources_keep_their_bytes():
+    img = _image(120, 100)
+
+    def mean_area(source, seed=0):
+        gen = FractalAnomaly(size=64, seed=seed, mask_source=source, dilate_iterations=0)
+        return np.mean([gen.record(img, i).mask.sum() for i in range(200)])
+
+    fractal, rectangle = mean_area("fractal"), mean_area("rectangle")
+    mixed = mean_area("fractal=0.5,rectangle=0.5")
+    # a square label covers about twice a fractal's area: half of each lands in between
+    assert fractal + 0.25 * (rectangle - fractal) < mixed < rectangle - 0.25 * (rectangle - fractal)
+    assert AnomalyConfig(mask_source="rectangle=1,perlin=0").mask_source == "rectangle"
+    one = FractalAnomaly(size=64, seed=4, mask_source="rectangle=2")
+    plain = FractalAnomaly(size=64, seed=4, mask_source="rectangle")
+    assert all(np.array_equal(one.record(img, i).crop, plain.record(img, i).crop) for i in range(5))
+    _check_invariants(FractalAnomaly(size=64, seed=1, mask_source="perlin=1,fractal=1"), img, 30)
 
 
 def test_hundreds_of_samples_default():
@@ -111,9 +129,13 @@ def test_unusable_inputs_and_options():
     with pytest.raises(ValueError, match="placement"):
         FractalAnomaly(placement="middle")
     with pytest.raises(ValueError, match="content"):
-        parse_content("same=lots")
+        parse_mix("same=lots", "content")
     with pytest.raises(ValueError, match="content"):
         AnomalyConfig(content=(("glitter", 1.0),))
+    with pytest.raises(ValueError, match="mask_source 'square'"):
+        AnomalyConfig(mask_source="square")
+    with pytest.raises(ValueError, match="mask_source proportions must not all be 0"):
+        AnomalyConfig(mask_source="fractal=0")
     with pytest.raises(ValueError, match="texture"):
         FractalAnomaly(size=32, content="texture")(_image(), 0)
     with pytest.raises(ValueError, match="8x8"):
