@@ -505,6 +505,13 @@ def _predict_inputs(inputs) -> list[tuple[str, str]]:
     return named
 
 
+def _setting(option: str, value) -> str:
+    """How a predict option with ``value`` is written on the command line."""
+    if option == "--tta":
+        return "--tta" if value else "--no-tta"
+    return f"{option} {value:g}" if isinstance(value, float) else f"{option} {value}"
+
+
 def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
             device: str = "auto", batch_size: int = 32, tta: bool | None = None,
             smooth: float | None = None, map_kind: str | None = None,
@@ -516,7 +523,7 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
     (flip-averaged maps), ``smooth`` (Gaussian sigma), ``map_kind`` and ``image_score`` ('max'
     or 'mean' of the map) default to what was used for the saved thresholds, since they only
     hold for such maps; 'combined' needs saved scales, and saved thresholds are refused for
-    another map or image score.
+    another map, image score, ``tta`` or ``smooth``.
     Outputs keep each image's path below the deepest folder holding all inputs, so equal file
     names in different folders do not collide.
     """
@@ -530,20 +537,25 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
     else:
         thresholds = {"image": 0.5, "pixel": 0.5, **saved}
         thresholds.setdefault("pixel", thresholds["image"])
-    tta = bool(saved.get("tta", False)) if tta is None else tta
-    smooth = float(saved.get("smooth", 0.0)) if smooth is None else smooth
-    map_kind = saved.get("map", "head") if map_kind is None else map_kind
-    saved_score = saved.get("image_score", "max")  # thresholds.json before image_score: max
-    image_score = saved_score if image_score is None else image_score
+    # what the saved thresholds were set on (thresholds.json before image_score: max)
+    was = {"--map": saved.get("map", "head"), "--image-score": saved.get("image_score", "max"),
+           "--tta": bool(saved.get("tta", False)), "--smooth": float(saved.get("smooth", 0.0))}
+    tta = was["--tta"] if tta is None else bool(tta)
+    smooth = was["--smooth"] if smooth is None else float(smooth)
+    map_kind = was["--map"] if map_kind is None else map_kind
+    image_score = was["--image-score"] if image_score is None else image_score
     _check_image_score(image_score)
-    # a threshold only holds for the score it was set on: the combined map is not on the
-    # head's 0-1 scale, and a mean of the map sits far below its max
-    for option, was, now in (("--map", saved.get("map", "head"), map_kind),
-                             ("--image-score", saved_score, image_score)):
-        if threshold is None and saved and was != now:
-            raise RunError(f"{os.path.join(run_dir, THRESHOLDS_FILE)}: its thresholds are for "
-                           f"{option} {was}, not {now}; re-run 'fractalad test' or 'calibrate' "
-                           f"with {option} {now}, or pass --threshold")
+    if threshold is None and saved:
+        # a threshold only holds for the maps it was set on: the combined map is not on the
+        # head's 0-1 scale, a mean of the map sits far below its max, and flip-averaging or
+        # smoothing lowers a map's peaks
+        now = {"--map": map_kind, "--image-score": image_score, "--tta": tta, "--smooth": smooth}
+        for option in was:
+            if was[option] != now[option]:
+                raise RunError(f"{os.path.join(run_dir, THRESHOLDS_FILE)}: its thresholds are for "
+                               f"{_setting(option, was[option])}, not {_setting(option, now[option])}; "
+                               f"re-run 'fractalad test' or 'calibrate' with "
+                               f"{_setting(option, now[option])}, or pass --threshold")
     norm = saved_map_norm(run_dir) if map_kind == "combined" else None
     scale = display_scale(map_kind, thresholds["pixel"])
     os.makedirs(os.path.join(out, "heatmap"), exist_ok=True)

@@ -179,8 +179,8 @@ def test_pixel_metrics_at_the_original_resolution(tiny_run, tmp_path):
 
 def test_flip_averaged_maps_and_the_thresholds_that_remember_them(tiny_run, tmp_path):
     import shutil
-    from fractalad.evaluate import (anomaly_maps, flip_averaged_map, load_run, predict, preprocess,
-                                    read_test_set, test_run)
+    from fractalad.evaluate import (RunError, anomaly_maps, flip_averaged_map, load_run, predict,
+                                    preprocess, read_test_set, test_run)
     run, data = str(tmp_path / "run"), str(tiny_run / "data")
     shutil.copytree(tiny_run / "run", run)
     model, meta = load_run(run, "cpu")
@@ -200,10 +200,14 @@ def test_flip_averaged_maps_and_the_thresholds_that_remember_them(tiny_run, tmp_
     want = {tta: anomaly_maps(model, imgs, tta=tta)[0].reshape(len(paths), -1).max(1) for tta in (0, 1)}
     for flag, expect in ((None, want[1]), (False, want[0])):  # default: as 'test' did
         out = str(tmp_path / f"pred_{flag}")
-        with open(predict(run, paths, out, tta=flag)) as fh:
+        # the saved thresholds hold for flip-averaged maps only, so plain maps need their own
+        with open(predict(run, paths, out, tta=flag, threshold=None if flag is None else 0.5)) as fh:
             got = np.array([float(row.split(",")[1]) for row in fh.read().splitlines()[1:]])
         np.testing.assert_allclose(got, expect, atol=1e-6)
     assert not np.allclose(want[0], want[1], atol=1e-6)
+    with pytest.raises(RunError, match="thresholds are for --tta, not --no-tta"):
+        predict(run, paths, str(tmp_path / "refused"), tta=False)
+    assert not os.path.exists(tmp_path / "refused")
 
 
 def test_smoothed_maps_and_the_thresholds_that_remember_them(tiny_run, tmp_path):
@@ -225,14 +229,19 @@ def test_smoothed_maps_and_the_thresholds_that_remember_them(tiny_run, tmp_path)
     paths = read_test_set(data).paths[:6]
     maps = anomaly_maps(model, preprocess(paths, meta["size"], meta["channels"]))[0]
     want = {sigma: smooth_maps(maps, sigma).reshape(len(paths), -1).max(1) for sigma in (0.0, 1.5)}
+    plain = ["--smooth", "0", "--threshold", "0.5"]  # the saved thresholds are the smoothed maps'
     for flag, expect in ((None, want[1.5]), (0.0, want[0.0])):  # default: as 'test' did
         res = CliRunner().invoke(main, ["predict", run, *paths, "--out", str(tmp_path / f"p{flag}"),
-                                        "--device", "cpu"] + ([] if flag is None else ["--smooth", "0"]))
+                                        "--device", "cpu"] + ([] if flag is None else plain))
         assert res.exit_code == 0, res.output
         with open(tmp_path / f"p{flag}" / "scores.csv") as fh:
             got = np.array([float(row.split(",")[1]) for row in fh.read().splitlines()[1:]])
         np.testing.assert_allclose(got, expect, atol=1e-6)
     assert np.abs(want[0.0] - want[1.5]).min() > 1e-5  # the check above can tell them apart
+    res = CliRunner().invoke(main, ["predict", run, *paths, "--out", str(tmp_path / "refused"),
+                                    "--device", "cpu", "--smooth", "0"])
+    assert res.exit_code == 2 and "thresholds are for --smooth 1.5, not --smooth 0;" in res.output
+    assert not os.path.exists(tmp_path / "refused")
 
 
 def test_combined_maps_scale_head_and_student_teacher_maps_on_normals(tiny_run, tmp_path):
@@ -278,7 +287,7 @@ def test_combined_maps_scale_head_and_student_teacher_maps_on_normals(tiny_run, 
         assert [int(row[3]) for row in rows] == [int(v >= thr) for v in np.array(expect, np.float32)]
     res = CliRunner().invoke(main, ["predict", run, *paths, "--out", str(tmp_path / "p_refused"),
                                     "--device", "cpu", "--map", "head"])
-    assert res.exit_code == 2 and "--map combined, not head" in res.output
+    assert res.exit_code == 2 and "--map combined, not --map head;" in res.output
     assert not os.path.exists(tmp_path / "p_refused")
     x = torch.from_numpy(imgs).float() / 255
     combined = anomaly_maps(model, imgs, norm=expect_norm)[0]
@@ -446,20 +455,22 @@ def test_the_mean_image_score_through_test_calibrate_and_predict(tiny_run, tmp_p
     np.testing.assert_array_equal(flagged, (smax >= float(str(np.median(smax)))).astype(int))
 
     # calibrate: the image threshold on the mean, the masks' on the max
-    res = r.invoke(main, ["calibrate", run, "--normals", good, "--quantile", "0.5", "--device", "cpu",
+    # 0.4: between two normals' scores, so no decision rests on a tie with the threshold
+    res = r.invoke(main, ["calibrate", run, "--normals", good, "--quantile", "0.4", "--device", "cpu",
                           "--image-score", "mean"])
     assert res.exit_code == 0, res.output
     normals = preprocess(list_images(good), meta["size"], meta["channels"])
     nmaps = anomaly_maps(model, normals)[0].reshape(len(normals), -1)
     saved = json.load(open(os.path.join(run, "thresholds.json")))
     assert saved["image_score"] == "mean" and "mean of the map" in saved["source"]
-    assert saved["image"] == pytest.approx(np.quantile(nmaps.mean(1), 0.5), abs=1e-6)
-    assert saved["pixel"] == pytest.approx(np.quantile(nmaps.max(1), 0.5), abs=1e-6)
+    assert saved["image"] == pytest.approx(np.quantile(nmaps.mean(1), 0.4), abs=1e-6)
+    assert saved["pixel"] == pytest.approx(np.quantile(nmaps.max(1), 0.4), abs=1e-6)
     res = r.invoke(main, ["predict", run, good, "--out", str(tmp_path / "p_cal"), "--device", "cpu"])
     assert res.exit_code == 0, res.output
     rows = [line.split(",") for line in open(tmp_path / "p_cal" / "scores.csv").read().splitlines()[1:]]
-    assert [int(row[3]) for row in rows] == [int(float(row[2]) >= saved["image"] - 5e-7) for row in rows]
-    assert sum(int(row[3]) for row in rows) == 2  # 3 normals, threshold at their median
+    # compared with the unrounded means: this tiny model's normals differ by about 1e-6
+    assert [int(row[3]) for row in rows] == [int(v >= saved["image"]) for v in nmaps.mean(1)]
+    assert sum(int(row[3]) for row in rows) == 2  # 3 normals, threshold between the lower two
     assert r.invoke(main, ["calibrate", run, "--image-score", "median"]).exit_code == 2
 
 
