@@ -189,6 +189,17 @@ def fit_map_norm(model: FractalAD, normals_u8: np.ndarray, batch_size: int = 32,
     return MapNorm.from_normals(_batched_maps(model, normals_u8, batch_size, tta, pair=True)[0])
 
 
+def _normals_maps(model: FractalAD, normals_u8: np.ndarray, batch_size: int, tta: bool,
+                  map_kind: str) -> tuple[MapNorm | None, np.ndarray]:
+    """(scales or None, maps [N, S, S]) of normal images; a combined map takes its scales from
+    the same pass, so the normals go through the model once."""
+    if map_kind != "combined":
+        return None, anomaly_maps(model, normals_u8, batch_size, tta)[0]
+    pairs = _batched_maps(model, normals_u8, batch_size, tta, pair=True)[0]
+    norm = MapNorm.from_normals(pairs)
+    return norm, norm.combine(pairs)
+
+
 def calibration_images(data: str, size: int, channels: int, limit: int = CALIBRATION_IMAGES):
     """Up to ``limit`` images of DATA/train/good, evenly spaced in name order, prepared."""
     folder = os.path.join(data, "train", "good")
@@ -260,8 +271,8 @@ def calibrate_run(run_dir: str, normals: str | None = None, quantile: float = NO
     else:
         images = preprocess(list_images(normals), meta["size"], meta["channels"])
         source = f"{len(images)} images of {os.path.abspath(normals)}"
-    norm = fit_map_norm(model, images, batch_size, tta) if map_kind == "combined" else None
-    maps = smooth_maps(anomaly_maps(model, images, batch_size, tta, norm)[0], smooth)
+    norm, maps = _normals_maps(model, images, batch_size, tta, map_kind)
+    maps = smooth_maps(maps, smooth)
     scores = image_scores(maps, image_score)
     threshold = float(np.quantile(scores, quantile))
     pixel = float(np.quantile(image_scores(maps, "max"), quantile))
@@ -394,10 +405,13 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
     os.makedirs(out, exist_ok=True)
     size, ch = meta["size"], meta["channels"]
     t0 = time.perf_counter()
-    norm, calibration = None, None
+    norm, calibration, held_maps = None, None, None
+    held = held_out_normals(run_dir)
     if map_kind == "combined":
         normals, calibration = calibration_normals(run_dir, data, size, ch)
-        norm = fit_map_norm(model, normals, batch_size, tta)
+        norm, normal_maps = _normals_maps(model, normals, batch_size, tta, map_kind)
+        if held is not None:  # calibration_normals took the held-out ones: their maps are made
+            held_maps = normal_maps
     sizes = []
     images = preprocess(ts.paths, size, ch, sizes)
     maps, ips = anomaly_maps(model, images, batch_size, tta, norm)
@@ -420,10 +434,11 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
     key = "image_threshold" if image_score == "max" else "image_threshold_mean"
     score = {"max": smax, "mean": smean}[image_score]
     operating_point = None
-    held = held_out_normals(run_dir)
     if held is not None:  # the threshold 'calibrate' would set, without a defect photo
-        held_maps = smooth_maps(anomaly_maps(model, held, batch_size, tta, norm)[0], smooth)
-        operating_point = held_out_operating_point(image_scores(held_maps, image_score), score, types)
+        if held_maps is None:
+            held_maps = anomaly_maps(model, held, batch_size, tta, norm)[0]
+        held_scores = image_scores(smooth_maps(held_maps, smooth), image_score)
+        operating_point = held_out_operating_point(held_scores, score, types)
     thresholds = {"image": results["all"][key], "image_score": image_score, "tta": tta,
                   "smooth": smooth, "map": map_kind, "map_norm": None if norm is None else asdict(norm),
                   "source": f"F1Max on {os.path.abspath(data)}"}
