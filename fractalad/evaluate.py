@@ -186,7 +186,7 @@ def anomaly_maps(model: FractalAD, images_u8: np.ndarray, batch_size: int = 32, 
 def fit_map_norm(model: FractalAD, normals_u8: np.ndarray, batch_size: int = 32,
                  tta: bool = False) -> MapNorm:
     """The MapNorm of uint8 normal images [N, C, S, S] (distillation runs only)."""
-    return MapNorm.from_normals(_batched_maps(model, normals_u8, batch_size, tta, pair=True)[0])
+    return _normals_maps(model, normals_u8, batch_size, tta, "combined")[0]
 
 
 def _normals_maps(model: FractalAD, normals_u8: np.ndarray, batch_size: int, tta: bool,
