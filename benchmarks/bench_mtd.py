@@ -28,8 +28,13 @@ DEFAULT_DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data",
 
 
 def _range(text: str, cast=float) -> tuple:
-    """'0.1-0.5' -> (0.1, 0.5)."""
-    return tuple(cast(v) for v in text.split("-"))
+    """'0.1-0.5' -> (0.1, 0.5); '2' -> (2, 2)."""
+    try:
+        values = [cast(v) for v in text.split("-")]
+        lo, hi = values if len(values) == 2 else values * 2 if len(values) == 1 else ()
+    except ValueError:
+        raise ValueError(f"expected a number or a range like 0.1-0.5, got {text!r}") from None
+    return lo, hi
 
 
 def _rounded(metrics: dict) -> dict:
@@ -123,6 +128,14 @@ def main(argv=None):
     from fractalsynth.generate import generate
     from fractalad.train import FitConfig, fit
 
+    try:  # bad synthesis options fail here, before any work, as one line
+        synth = AnomalyConfig(size=args.size, mask_source=args.mask_source,
+                              placement=args.placement, cut_scale=_range(args.cut_scale),
+                              region=_range(args.region), content=parse_mix(args.content, "content"),
+                              min_contrast=args.min_contrast, thin=args.thin,
+                              thin_width=_range(args.thin_width, int), dilate_iterations=args.dilate)
+    except ValueError as e:
+        ap.error(str(e))
     work = args.out or tempfile.mkdtemp(prefix="bench_mtd_")
     cfg = FitConfig(backbone=args.backbone, weights=args.weights, kd=args.kd,
                     head_width=args.head_width, clean_share=args.clean_share, flips=args.flips,
@@ -135,14 +148,7 @@ def main(argv=None):
     seconds = {}
     t = time.perf_counter()
     shards = os.path.join(work, "shards")
-    generate(os.path.join(args.data, "train", "good"), shards, n,
-             AnomalyConfig(size=args.size, mask_source=args.mask_source, placement=args.placement,
-                           cut_scale=_range(args.cut_scale), region=_range(args.region),
-                           content=parse_mix(args.content, "content"),
-                           min_contrast=args.min_contrast, thin=args.thin,
-                           thin_width=_range(args.thin_width, int),
-                           dilate_iterations=args.dilate),
-             seed=args.seed, shard_size=min(n, 10000), workers=os.cpu_count() or 1,
+    generate(os.path.join(args.data, "train", "good"), shards, n, synth, seed=args.seed, shard_size=min(n, 10000), workers=os.cpu_count() or 1,
              log=lambda m: None, holdout=args.holdout)
     seconds["generate"] = time.perf_counter() - t
     t = time.perf_counter()

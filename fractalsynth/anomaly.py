@@ -130,25 +130,28 @@ _MIXES = {"content": (CONTENTS, "same=0.7,noise=0.3"),
 
 
 def parse_mix(text: str, what: str = "content") -> tuple:
-    """'same=0.7,texture=0.3' -> (('same', 0.7), ('texture', 0.3)); a bare name weighs 1."""
+    """'same=0.7,texture=0.3' -> (('same', 0.7), ('texture', 0.3)), checked; a bare name weighs 1."""
     allowed, example = _MIXES[what]
+    label = what.replace("_", " ")
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, weight = part.partition("=")
         try:
             out.append((name.strip(), float(weight) if weight else 1.0))
         except ValueError:
-            raise ValueError(f"bad {what} proportion {part!r}; use e.g. {example}") from None
+            raise ValueError(f"bad {label} proportion {part!r}; use e.g. {example}") from None
     if not out:
-        raise ValueError(f"{what} must name at least one of " + ", ".join(allowed))
+        raise ValueError(f"{label} must name at least one of " + ", ".join(allowed))
+    _check_mix(what, tuple(out), allowed)
     return tuple(out)
 
 
 def _check_mix(what: str, mix: tuple, allowed: tuple):
+    what = what.replace("_", " ")  # messages read the same in the API and behind a CLI flag
     for name, weight in mix:
         _check_choice(what, name, allowed)
-        if weight < 0:
-            raise ValueError(f"{what} proportion of {name!r} must be >= 0, got {weight}")
+        if not (np.isfinite(weight) and weight >= 0):
+            raise ValueError(f"{what} proportion of {name!r} must be a number >= 0, got {weight}")
     if sum(w for _, w in mix) <= 0:
         raise ValueError(f"{what} proportions must not all be 0")
 
@@ -156,7 +159,6 @@ def _check_mix(what: str, mix: tuple, allowed: tuple):
 def _canonical_mix(text: str) -> str:
     """A mask-source mix as one canonical string: the bare name when one source has weight."""
     mix = parse_mix(str(text), "mask_source")
-    _check_mix("mask_source", mix, MASK_SOURCES)
     used = [(n, w) for n, w in mix if w > 0]
     if len(used) == 1:
         return used[0][0]

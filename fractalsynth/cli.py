@@ -44,6 +44,21 @@ class Count(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+class Mix(click.ParamType):
+    """A --content or --mask-source mix, checked where it is given so the error names the flag."""
+    name = "mix"
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def convert(self, value, param, ctx):
+        try:
+            parse_mix(value, self.what)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+        return value
+
+
 def _range(text: str, name: str, cast=float):
     """'2' -> (2, 2); '2-4' or '2:4' -> (2, 4)."""
     parts = text.replace(":", "-").split("-") if text.count("-") <= 1 else [text]
@@ -94,9 +109,9 @@ def synth_options(fn):
                      help="Where anomalies go [default: uniform, or the --preset's]."),
         click.option("--preset", type=click.Choice(MVTEC_CATEGORIES), default=None,
                      help="MVTec AD category: the method's placement for it."),
-        click.option("--content", default="same", show_default=True,
+        click.option("--content", type=Mix("content"), default="same", show_default=True,
                      help=f"Anomaly content mix, e.g. same=0.7,noise=0.3 ({', '.join(CONTENTS)})."),
-        click.option("--mask-source", default="fractal", show_default=True,
+        click.option("--mask-source", type=Mix("mask_source"), default="fractal", show_default=True,
                      help=f"Shape of the anomalies ({', '.join(MASK_SOURCES)}; the paper's ablations), "
                           "or a mix, e.g. fractal=0.5,rectangle=0.5."),
         click.option("--blend", type=click.Choice(BLENDS), default="paste", show_default=True),

@@ -132,9 +132,9 @@ def test_unusable_inputs_and_options():
         parse_mix("same=lots", "content")
     with pytest.raises(ValueError, match="content"):
         AnomalyConfig(content=(("glitter", 1.0),))
-    with pytest.raises(ValueError, match="mask_source 'square'"):
+    with pytest.raises(ValueError, match="mask source 'square'"):
         AnomalyConfig(mask_source="square")
-    with pytest.raises(ValueError, match="mask_source proportions must not all be 0"):
+    with pytest.raises(ValueError, match="mask source proportions must not all be 0"):
         AnomalyConfig(mask_source="fractal=0")
     with pytest.raises(ValueError, match="texture"):
         FractalAnomaly(size=32, content="texture")(_image(), 0)

@@ -62,3 +62,18 @@ def test_runs_as_a_module():
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "--holdout" in res.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--mask-source", "fractl"], "'--mask-source': unknown mask source 'fractl'"),
+    (["--mask-source", "fractal=nan"], "'--mask-source': mask source proportion of 'fractal'"),
+    (["--mask-source", "fractal=0,perlin=0"], "'--mask-source': mask source proportions must not"),
+    (["--content", "same=lots"], "'--content': bad content proportion 'same=lots'"),
+    (["--content", "glitter"], "'--content': unknown content 'glitter'"),
+])
+def test_bad_mixes_name_their_flag_before_any_work(tmp_path, args, needle):
+    # the normals folder does not exist: the option must be refused before it is read
+    res = CliRunner().invoke(main, ["generate", "--normals", str(tmp_path / "none"),
+                                    "--out", str(tmp_path / "sh"), "--n", "4", *args])
+    assert res.exit_code == 2 and needle in res.output, res.output
+    assert not os.path.exists(tmp_path / "sh")
