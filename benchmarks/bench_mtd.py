@@ -66,6 +66,29 @@ def _test(run: str, work: str, prefix: str, args, seconds: dict) -> tuple[dict, 
     return reports[""], extra
 
 
+def _live_run(run: str, dest: str) -> str:
+    """A copy of an --ema run whose model holds the trained (not averaged) weights of its last
+    checkpoint, the same step: the pair tests the average against what it averaged."""
+    import torch
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("*.pt", "test*"))
+    final = torch.load(os.path.join(run, "model.pt"), map_location="cpu", weights_only=False)
+    trained = torch.load(os.path.join(run, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    final["model"].update(trained["model"])
+    torch.save(final, os.path.join(dest, "model.pt"))
+    return dest
+
+
+def _with_live(run: str, work: str, prefix: str, args, seconds: dict, report: dict, extra: dict):
+    """{"metrics": ..., ...} of the run; under --ema also {"live": the trained weights' result}."""
+    out = {"metrics": _rounded(report["metrics"]), **extra}
+    if args.ema:
+        live, live_extra = _test(_live_run(run, os.path.join(work, prefix + "live_run")), work,
+                                 prefix + "live_", args, seconds)
+        out["live"] = {"metrics": _rounded(live["metrics"]), **live_extra}
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=DEFAULT_DATA)
@@ -100,6 +123,9 @@ def main(argv=None):
                     help="Gaussian sigma on every input, in training and inference (fit --input-blur)")
     ap.add_argument("--decay-steps", type=int, default=0,
                     help="lower the learning rate linearly to 0 over the last N steps")
+    ap.add_argument("--ema", type=float, default=0.0,
+                    help="save a moving average of the weights (fit --ema); also tests the trained "
+                         "weights of the same step (under 'live')")
     ap.add_argument("--cooldown-steps", type=int, default=0,
                     help="after the test, resume the run for N more steps with the learning rate "
                          "falling to 0 and test again (a paired result under 'cooldown')")
@@ -140,7 +166,7 @@ def main(argv=None):
     cfg = FitConfig(backbone=args.backbone, weights=args.weights, kd=args.kd,
                     head_width=args.head_width, clean_share=args.clean_share, flips=args.flips,
                     zoom=args.zoom, input_blur=args.input_blur, decay_steps=args.decay_steps,
-                    epochs=args.epochs, steps=args.steps,
+                    ema=args.ema, epochs=args.epochs, steps=args.steps,
                     batch_size=args.batch_size, seed=args.seed,
                     device=args.device, workers=args.workers, cuda_graph=args.cuda_graph)
     # every training sample is a fresh one, the cool-down's too
@@ -148,14 +174,16 @@ def main(argv=None):
     seconds = {}
     t = time.perf_counter()
     shards = os.path.join(work, "shards")
-    generate(os.path.join(args.data, "train", "good"), shards, n, synth, seed=args.seed, shard_size=min(n, 10000), workers=os.cpu_count() or 1,
-             log=lambda m: None, holdout=args.holdout)
+    generate(os.path.join(args.data, "train", "good"), shards, n, synth, seed=args.seed,
+             shard_size=min(n, 10000), workers=os.cpu_count() or 1, log=lambda m: None,
+             holdout=args.holdout)
     seconds["generate"] = time.perf_counter() - t
     t = time.perf_counter()
     run = os.path.join(work, "run")
     summary = fit(shards, run, cfg, progress=False)
     seconds["fit"] = time.perf_counter() - t
     report, extra = _test(run, work, "", args, seconds)
+    tested = _with_live(run, work, "", args, seconds, report, extra)
     cooldown = None
     if args.cooldown_steps:
         # the steps taken keep their constant rate, so this equals one run with --decay-steps N
@@ -166,7 +194,7 @@ def main(argv=None):
         seconds["cooldown_fit"] = time.perf_counter() - t
         cooled, cooled_extra = _test(run, work, "cooldown_", args, seconds)
         cooldown = {"steps": total, "decay_steps": args.cooldown_steps,
-                    "metrics": _rounded(cooled["metrics"]), **cooled_extra}
+                    **_with_live(run, work, "cooldown_", args, seconds, cooled, cooled_extra)}
     dev = report["device"]
     if dev.startswith("cuda"):
         dev = torch.cuda.get_device_name(0)
@@ -174,7 +202,8 @@ def main(argv=None):
         "data": os.path.basename(os.path.normpath(args.data)), "device": dev,
         "backbone": args.backbone, "kd": args.kd, "head_width": args.head_width,
         "clean_share": args.clean_share, "flips": args.flips, "zoom": args.zoom,
-        "input_blur": args.input_blur, "decay_steps": args.decay_steps, "cuda_graph": args.cuda_graph,
+        "input_blur": args.input_blur, "decay_steps": args.decay_steps, "ema": args.ema,
+        "cuda_graph": args.cuda_graph,
         "mask_source": args.mask_source,
         "cut_scale": args.cut_scale, "region": args.region, "content": args.content,
         "min_contrast": args.min_contrast, "thin": args.thin, "thin_width": args.thin_width,
@@ -184,7 +213,7 @@ def main(argv=None):
         "train_samples_per_s": round(summary["samples_per_s"], 1),
         "test_images_per_s": round(report["images_per_s"], 1),
         "stage_seconds": {k: round(v, 1) for k, v in seconds.items()},
-        "metrics": _rounded(report["metrics"]), **extra,
+        **tested,
     }
     if cooldown:
         result["cooldown"] = cooldown

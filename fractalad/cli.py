@@ -55,6 +55,9 @@ def main():
                    "(the paper: 0, none).")
 @click.option("--decay-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Lower the learning rate linearly to 0 over the last N steps (the paper: 0).")
+@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Keep a moving average of the weights with this decay (e.g. 0.998) and save "
+                   "it as the run's model (the paper: 0, off).")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="MVTec category: textures train without distillation.")
 @click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the step.")
@@ -66,15 +69,15 @@ def main():
                    "--steps / --epochs (and --decay-steps) extends a finished run.")
 @_fail_cleanly
 def fit(shards, out, backbone, weights, epochs, steps, batch_size, lr, weight_decay, seed, device,
-        workers, kd, head_width, clean_share, flips, zoom, input_blur, decay_steps, preset, compile,
-        cuda_graph, checkpoint_every, resume):
+        workers, kd, head_width, clean_share, flips, zoom, input_blur, decay_steps, ema, preset,
+        compile, cuda_graph, checkpoint_every, resume):
     """Train FractalAD from a shard dataset into a run folder."""
     from .train import FitConfig, fit as run
     if kd is None and preset:
         kd = PRESETS[preset]["kd"]
     given = dict(backbone=backbone, weights=weights, kd=kd, head_width=head_width,
                  clean_share=clean_share, flips=flips, zoom=zoom, input_blur=input_blur,
-                 decay_steps=decay_steps, epochs=epochs, steps=steps, batch_size=batch_size,
+                 decay_steps=decay_steps, ema=ema, epochs=epochs, steps=steps, batch_size=batch_size,
                  lr=lr, weight_decay=weight_decay, seed=seed, device=device, workers=workers,
                  compile=compile, cuda_graph=cuda_graph, checkpoint_every=checkpoint_every)
     settings = _resumed_settings(out, given) if resume else given

@@ -47,6 +47,7 @@ class FitConfig:
     zoom: float = 1.0  # each sample magnified by a random factor in [1, zoom] (the paper: 1, none)
     input_blur: float = 0.0  # Gaussian sigma (pixels) on every input, in training and inference
     decay_steps: int = 0  # the last N steps lower the learning rate linearly to 0 (the paper: 0)
+    ema: float = 0.0  # > 0: the run's weights are this moving average of the trained ones (paper: 0)
     epochs: float = 100.0
     steps: int | None = None  # overrides epochs
     batch_size: int = 32
@@ -71,6 +72,8 @@ class FitConfig:
             raise ValueError(f"zoom must be in [1, 4], got {self.zoom}")
         if self.decay_steps < 0:
             raise ValueError(f"decay_steps must be >= 0, got {self.decay_steps}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1) (0: off; e.g. 0.998), got {self.ema}")
         if self.decay_steps and self.compile:
             # a compiled step would keep the rate it was traced with (or recompile for each one)
             raise ValueError("--decay-steps and --compile exclude each other; use --cuda-graph")
@@ -117,6 +120,36 @@ def init_distributed(device: torch.device):
     return device
 
 
+class WeightAverage:
+    """An exponential moving average of the student's and head's weights (``fit --ema``).
+
+    Step t moves the average by 1 - min(decay, (1 + t) / (10 + t)) towards the trained weights,
+    so the first steps, whose weights are far from the end, weigh little. Batch-norm statistics
+    are averaged like the weights; the teacher is frozen and left out.
+    """
+
+    def __init__(self, model: FractalAD, decay: float):
+        self.decay = decay
+        live = model.trainable_state()  # views of the live tensors: in-place updates show through
+        self.state = {k: v.detach().clone() for k, v in live.items()}
+        floats = [k for k, v in live.items() if v.is_floating_point()]
+        self._pairs = ([self.state[k] for k in floats], [live[k] for k in floats])
+        self._counters = [(self.state[k], live[k]) for k in live if k not in floats]
+
+    def rate(self, step: int) -> float:
+        """How far update ``step`` (1-based) moves the average towards the trained weights."""
+        return 1.0 - min(self.decay, (1 + step) / (10 + step))
+
+    def update(self, step: int) -> None:
+        torch._foreach_lerp_(*self._pairs, self.rate(step))  # no host sync: a float weight
+        for mine, live in self._counters:
+            mine.copy_(live)
+
+    def load(self, state: dict) -> None:
+        for k, v in state.items():
+            self.state[k].copy_(v)
+
+
 class Trainer:
     """Holds the model, optimizer and data path of one run; ``step`` is one optimizer update."""
 
@@ -154,6 +187,7 @@ class Trainer:
             self._step_fn = GraphedStep(self._update, self.opt)
         self.step_count = 0
         self._step_rng = torch.Generator(device=self.device)
+        self.average = WeightAverage(self.model, cfg.ema) if cfg.ema else None
 
     def _rate_holder(self, rate: float):
         """The optimizer's learning rate: a float, or a GPU scalar that a captured step reads."""
@@ -205,6 +239,8 @@ class Trainer:
             self._set_learning_rate(self.cfg.learning_rate(self.step_count))
         out = self._step_fn(*self.to_inputs(batch))
         self.step_count += 1
+        if self.average:
+            self.average.update(self.step_count)
         return out
 
     def batches_from(self, start_step: int, total: int, workers: int):
@@ -224,8 +260,18 @@ class Trainer:
         optimizer = self.opt.state_dict()
         for group in optimizer["param_groups"]:  # a plain number: the checkpoint loads anywhere
             group["lr"] = float(group["lr"])
-        return {"model": self.model.trainable_state(), "optimizer": optimizer,
-                "step": self.step_count, "config": asdict(self.cfg)}
+        state = {"model": self.model.trainable_state(), "optimizer": optimizer,
+                 "step": self.step_count, "config": asdict(self.cfg)}
+        if self.average:
+            state["ema"] = self.average.state
+        return state
+
+    def final_weights(self) -> dict:
+        """The run's weights, teacher included: the moving average under ``--ema``."""
+        weights = self.model.state_dict()
+        if self.average:
+            weights.update(self.average.state)
+        return weights
 
     def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"], strict=False)
@@ -241,6 +287,8 @@ class Trainer:
             if "step" in slot:
                 slot["step"] = slot["step"].to(device=param.device if on_device else "cpu", dtype=torch.float32)
         self.step_count = int(state["step"])
+        if self.average:
+            self.average.load(state["ema"])
         if isinstance(self._step_fn, GraphedStep):
             self._step_fn.reset()  # a captured graph would keep updating the replaced state
 
@@ -418,8 +466,9 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
     if csv_fh:
         csv_fh.close()
     if rank == 0:
-        # the full state, teacher included: test / predict need neither --weights nor a network
-        _atomic_save({"meta": meta, "model": trainer.model.state_dict()},
+        # the full state, teacher included: test / predict need neither --weights nor a network;
+        # under --ema the averaged weights (checkpoint.pt keeps the trained ones, to resume)
+        _atomic_save({"meta": meta, "model": trainer.final_weights()},
                      os.path.join(out_dir, "model.pt"))
     done = trainer.step_count - start
     return {"steps": trainer.step_count, "seconds": seconds,
