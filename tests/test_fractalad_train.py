@@ -394,3 +394,44 @@ def test_ddp_gloo_gradients_agree(tiny_shards, tmp_path):
     np.testing.assert_allclose(g0, g1, rtol=1e-5, atol=1e-7)  # every rank holds the same gradient
     np.testing.assert_allclose(g0, mean0, rtol=1e-4, atol=1e-6)  # = mean of the ranks' own gradients
     assert np.abs(g0).sum() > 0
+
+
+def test_weight_average_follows_the_trained_weights(tiny_shards):
+    from fractalad.train import WeightAverage
+    tr = Trainer(tiny_shards, _cfg(steps=4, ema=0.9, lr=2e-3))
+    assert tr.average.rate(1) == pytest.approx(1 - 2 / 11) and tr.average.rate(10**6) == pytest.approx(0.1)
+    expect = {k: v.clone() for k, v in tr.model.trainable_state().items()}
+    for step, batch in enumerate(tr.batches_from(0, 4, 0), 1):
+        tr.step(batch)
+        live, rate = tr.model.trainable_state(), tr.average.rate(step)
+        for k, v in live.items():
+            expect[k] = expect[k] + rate * (v - expect[k]) if v.is_floating_point() else v.clone()
+    got = tr.average.state
+    assert got.keys() == expect.keys()
+    for k in expect:
+        torch.testing.assert_close(got[k], expect[k], rtol=1e-6, atol=1e-7)
+    moved = [k for k in expect if expect[k].is_floating_point()
+             and not torch.equal(got[k], tr.model.trainable_state()[k])]
+    assert len(moved) > 0.5 * len(expect)  # the average lags the trained weights
+    with pytest.raises(ValueError, match="ema must be in"):
+        _cfg(ema=1.0)
+
+
+def test_ema_run_saves_the_average_and_resumes_exactly(tiny_shards, tmp_path):
+    plain, straight, split = (str(tmp_path / n) for n in ("plain", "straight", "split"))
+    fit(tiny_shards, plain, _cfg(steps=6, lr=2e-3), progress=False)
+    fit(tiny_shards, straight, _cfg(steps=6, lr=2e-3, ema=0.8), progress=False)
+    fit(tiny_shards, split, _cfg(steps=3, lr=2e-3, ema=0.8), progress=False)
+    fit(tiny_shards, split, _cfg(steps=6, lr=2e-3, ema=0.8), resume=True, progress=False)
+    load = lambda run, f: torch.load(os.path.join(run, f), weights_only=False)
+    a, b = load(straight, "model.pt")["model"], load(split, "model.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the average resumed
+    trained, p = load(straight, "checkpoint.pt")["model"], load(plain, "model.pt")["model"]
+    assert all(torch.equal(trained[k], p[k]) for k in trained)  # averaging leaves training alone
+    assert not all(torch.equal(trained[k], a[k]) for k in trained)  # the run's model is the average
+    from fractalad.evaluate import load_run
+    model, meta = load_run(straight, "cpu")
+    assert meta["fit"]["ema"] == 0.8
+    assert all(torch.equal(model.state_dict()[k], a[k]) for k in a)
+    with pytest.raises(ValueError, match=r"other settings \(ema\)"):
+        fit(tiny_shards, straight, _cfg(steps=7, lr=2e-3, ema=0.9), resume=True, progress=False)
