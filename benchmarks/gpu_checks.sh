@@ -2,9 +2,10 @@
 # Every GPU check in one run (device tool), most important first: the Magnetic Tile pipeline
 # with the small-defects options on twice the paper schedule plus a cool-down, fractal against
 # rectangle masks, on a second seed, each tested with the head's map and the combined map; the
-# CPU's 128 px recipe; the CUDA-graph tests (passed in session 9, graph code unchanged since);
-# the Lite0 distillation step's speed in fp32, where its time goes, and compiled (earlier
-# results: docs/results/h100_*.json). The first two need ~9.5 min; the rest fits a second call
+# CPU's 128 px recipe; the weights' moving average (--ema); the CUDA-graph tests (passed in
+# session 9; session 16 added the average's update after each replay to them); the Lite0
+# distillation step's speed in fp32, where its time goes, and compiled (earlier results:
+# docs/results/h100_*.json). The first two need ~9.5 min; the rest fits a second call
 # on the still-warm machine (skip the done checks with SKIP="name ...").
 # Needs .gpu/lite0.pth and .gpu/magnetic_tile (carried, git-ignored).
 # Results: one JSON line per check on stdout and in $OUT/*.json. BUDGET (s, default 540) caps
@@ -45,6 +46,10 @@ LIMIT=290 run mtd_small_rectangle_kd_e200_s1 "${mtd[@]}" "${small[@]}" "${long[@
 # 128 px scored higher image_AUROC on the CPU (0.93-0.94 with the cool-down) than 256 px on the
 # H100 (0.89-0.90): the CPU recipe (batch 16, 2,444 steps + 611 decaying) on the GPU, seed 0
 LIMIT=180 run mtd_small_fractal_kd_128px "${mtd[@]}" "${small[@]}" --size 128 --batch-size 16 --steps 2444 --cooldown-steps 611 --combined "${graph[@]}"
+# session 16, CPU 128 px: the weights' moving average (--ema 0.998) raised AUPRO over the trained
+# weights of the same step; at 256 px, seed 0, twice the schedule (session 9 trained weights:
+# 0.893 / 0.964 / 0.821); the run reports the average and, under "live", the trained weights
+LIMIT=200 run mtd_small_fractal_kd_e200_ema "${mtd[@]}" "${small[@]}" --epochs 200 --ema 0.998 --combined "${graph[@]}"
 run tests_cuda python3 -m pytest -q -p no:cacheprovider tests/test_fractalad_train.py -k "cuda_graph or rebuild" --tb=short
 # session 5: ResNet-18 + graph 1,905 samples/s (ratio 0.98), Lite0 + distillation + graph 1,216;
 # session 9: NCHW 636 (channels_last stays). fp32 and the profile ran out of 60 s slots there.

@@ -229,12 +229,14 @@ def test_cuda_graph_training_matches_eager(tiny_shards):
         torch.manual_seed(0)
         # the decay lowers the rate of steps 5-8, all graph replays: a rate baked into the
         # captured optimizer would move the weights 25 % further than the eager run
-        tr = Trainer(tiny_shards, _cfg(steps=8, decay_steps=4, device="cuda", bf16=False, cuda_graph=graph))
+        # --ema too: the average is updated outside the captured graph, after each replay
+        tr = Trainer(tiny_shards, _cfg(steps=8, decay_steps=4, device="cuda", bf16=False, cuda_graph=graph,
+                                       ema=0.5))
         torch.backends.cudnn.benchmark = False
         start = {k: v.float().clone() for k, v in tr.model.trainable_state().items()}
         losses = [float(tr.step(b)[0]) for b in tr.batches_from(0, 8, 0)]
-        runs.append((losses, start, tr.model.trainable_state()))
-    (l0, s0, w0), (l1, s1, w1) = runs
+        runs.append((losses, start, tr.model.trainable_state(), tr.average.state))
+    (l0, s0, w0, a0), (l1, s1, w1, a1) = runs
     np.testing.assert_allclose(l0, l1, rtol=1e-3, atol=1e-5)  # steps 5-8 are graph replays
     # Adam divides by the gradient's own size, so a near-zero gradient's rounding (the graph's
     # capturable optimizer keeps its step count on the GPU) can move single weights by ~lr;
@@ -243,6 +245,8 @@ def test_cuda_graph_training_matches_eager(tiny_shards):
         torch.testing.assert_close(s0[k], s1[k])
         moved = (w0[k].float() - s0[k]).norm()
         assert (w1[k].float() - w0[k].float()).norm() <= 0.02 * moved + 1e-6, k
+        moved = (a0[k].float() - s0[k]).norm()
+        assert (a1[k].float() - a0[k].float()).norm() <= 0.02 * moved + 1e-6, k
 
 
 def test_fit_writes_a_run_and_refuses_to_clobber(tiny_shards, tmp_path):
