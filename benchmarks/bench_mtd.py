@@ -31,10 +31,11 @@ def _range(text: str, cast=float) -> tuple:
     """'0.1-0.5' -> (0.1, 0.5); '2' -> (2, 2)."""
     try:
         values = [cast(v) for v in text.split("-")]
-        lo, hi = values if len(values) == 2 else values * 2 if len(values) == 1 else ()
     except ValueError:
-        raise ValueError(f"expected a number or a range like 0.1-0.5, got {text!r}") from None
-    return lo, hi
+        values = []
+    if len(values) not in (1, 2):
+        raise ValueError(f"expected a number or a range like 0.1-0.5, got {text!r}")
+    return values[0], values[-1]
 
 
 def _rounded(metrics: dict) -> dict:

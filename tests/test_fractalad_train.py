@@ -401,7 +401,6 @@ def test_ddp_gloo_gradients_agree(tiny_shards, tmp_path):
 
 
 def test_weight_average_follows_the_trained_weights(tiny_shards):
-    from fractalad.train import WeightAverage
     tr = Trainer(tiny_shards, _cfg(steps=4, ema=0.9, lr=2e-3))
     assert tr.average.rate(1) == pytest.approx(1 - 2 / 11) and tr.average.rate(10**6) == pytest.approx(0.1)
     expect = {k: v.clone() for k, v in tr.model.trainable_state().items()}
