@@ -42,10 +42,11 @@ def _rounded(metrics: dict) -> dict:
     return {t: {k: round(v, 4) for k, v in m.items()} for t, m in metrics.items()}
 
 
-def _test(run: str, work: str, prefix: str, args, seconds: dict) -> tuple[dict, dict]:
+def _test(run: str, work: str, prefix: str, args, seconds: dict, trained: bool = False) -> tuple[dict, dict]:
     """Test the run: its report, plus {"metrics_tta": ...} under --tta, {"metrics_smooth": ...}
     under --smooth and {"metrics_combined": ...} under --combined, and each test's
-    held_out_operating_point under --holdout; stages timed into ``seconds``."""
+    held_out_operating_point under --holdout; stages timed into ``seconds``. ``trained``: an
+    --ema run's trained weights, not their average."""
     from fractalad.evaluate import test_run
     variants = [("", {})] + [("_tta", {"tta": True})] * args.tta \
         + [("_smooth", {"smooth": args.smooth})] * bool(args.smooth) \
@@ -55,7 +56,7 @@ def _test(run: str, work: str, prefix: str, args, seconds: dict) -> tuple[dict, 
         t = time.perf_counter()
         reports[suffix] = test_run(run, args.data, os.path.join(work, prefix + "test" + suffix),
                                    device=args.device, n_overlays=4,
-                                   pixel_resolution=args.pixel_resolution, **options)
+                                   pixel_resolution=args.pixel_resolution, trained=trained, **options)
         seconds[prefix + "test" + suffix] = time.perf_counter() - t
     extra = {"metrics" + k: _rounded(r["metrics"]) for k, r in reports.items() if k}
     for k, r in reports.items():  # runs on shards made with --holdout: calibrate's threshold, judged
@@ -67,27 +68,16 @@ def _test(run: str, work: str, prefix: str, args, seconds: dict) -> tuple[dict, 
     return reports[""], extra
 
 
-def _live_run(run: str, dest: str) -> str:
-    """A copy of an --ema run whose model holds the trained (not averaged) weights of its last
-    checkpoint, the same step: the pair tests the average against what it averaged."""
-    import torch
-    shutil.rmtree(dest, ignore_errors=True)
-    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("*.pt", "test*"))
-    final = torch.load(os.path.join(run, "model.pt"), map_location="cpu", weights_only=False)
-    trained = torch.load(os.path.join(run, "checkpoint.pt"), map_location="cpu", weights_only=False)
-    final["model"].update(trained["model"])
-    torch.save(final, os.path.join(dest, "model.pt"))
-    return dest
-
-
-def _with_live(run: str, work: str, prefix: str, args, seconds: dict, report: dict, extra: dict):
-    """{"metrics": ..., ...} of the run; under --ema also {"live": the trained weights' result}."""
-    out = {"metrics": _rounded(report["metrics"]), **extra}
+def _test_with_live(run: str, work: str, prefix: str, args, seconds: dict) -> tuple[dict, dict]:
+    """(the run's report, {"metrics": ..., ...}); under --ema also {"live": the result of the
+    same step's weights before averaging}, a paired comparison, tested first so that the
+    thresholds the run keeps are its model's (the average's)."""
+    live = None
     if args.ema:
-        live, live_extra = _test(_live_run(run, os.path.join(work, prefix + "live_run")), work,
-                                 prefix + "live_", args, seconds)
-        out["live"] = {"metrics": _rounded(live["metrics"]), **live_extra}
-    return out
+        report, extra = _test(run, work, prefix + "live_", args, seconds, trained=True)
+        live = {"metrics": _rounded(report["metrics"]), **extra}
+    report, extra = _test(run, work, prefix, args, seconds)
+    return report, {"metrics": _rounded(report["metrics"]), **extra, **({"live": live} if live else {})}
 
 
 def main(argv=None):
@@ -183,8 +173,7 @@ def main(argv=None):
     run = os.path.join(work, "run")
     summary = fit(shards, run, cfg, progress=False)
     seconds["fit"] = time.perf_counter() - t
-    report, extra = _test(run, work, "", args, seconds)
-    tested = _with_live(run, work, "", args, seconds, report, extra)
+    report, tested = _test_with_live(run, work, "", args, seconds)
     cooldown = None
     if args.cooldown_steps:
         # the steps taken keep their constant rate, so this equals one run with --decay-steps N
@@ -193,9 +182,8 @@ def main(argv=None):
         fit(shards, run, dataclasses.replace(cfg, steps=total, decay_steps=args.cooldown_steps),
             resume=True, progress=False)
         seconds["cooldown_fit"] = time.perf_counter() - t
-        cooled, cooled_extra = _test(run, work, "cooldown_", args, seconds)
         cooldown = {"steps": total, "decay_steps": args.cooldown_steps,
-                    **_with_live(run, work, "cooldown_", args, seconds, cooled, cooled_extra)}
+                    **_test_with_live(run, work, "cooldown_", args, seconds)[1]}
     dev = report["device"]
     if dev.startswith("cuda"):
         dev = torch.cuda.get_device_name(0)

@@ -132,12 +132,15 @@ def _resumed_settings(out: str, given: dict) -> dict:
                                       "DATA/train/good (distillation runs).")
 @click.option("--image-score", type=SCORE_CHOICE, default="max", show_default=True,
               help="The image score whose F1Max threshold is saved for 'predict' (both are reported).")
+@click.option("--trained", is_flag=True,
+              help="An --ema run: use the trained weights, not their moving average.")
 @_fail_cleanly
-def test(run_dir, data, out, device, overlays, pixel_resolution, tta, smooth, map_kind, image_score):
+def test(run_dir, data, out, device, overlays, pixel_resolution, tta, smooth, map_kind, image_score,
+         trained):
     """Metrics (image_AUROC, pixel_AUROC, AUPRO, F1Max) per defect type, and overlays."""
     from .evaluate import format_table, test_run
     report = test_run(run_dir, data, out, device, overlays, pixel_resolution=pixel_resolution, tta=tta,
-                      smooth=smooth, map_kind=map_kind, image_score=image_score)
+                      smooth=smooth, map_kind=map_kind, image_score=image_score, trained=trained)
     click.echo(format_table(report["metrics"]))
     op = report["held_out_operating_point"]
     if op:
@@ -166,12 +169,14 @@ def test(run_dir, data, out, device, overlays, pixel_resolution, tta, smooth, ma
               help="combined: also fits its scales on the same normals.")
 @click.option("--image-score", type=SCORE_CHOICE, default="max", show_default=True,
               help="Threshold the max of each map or its mean (masks: always the max's quantile).")
+@click.option("--trained", is_flag=True,
+              help="An --ema run: use the trained weights, not their moving average.")
 @_fail_cleanly
-def calibrate(run_dir, normals, quantile, device, tta, smooth, map_kind, image_score):
+def calibrate(run_dir, normals, quantile, device, tta, smooth, map_kind, image_score, trained):
     """Thresholds for 'predict' from good images alone (no defect photos needed)."""
     from .evaluate import calibrate_run
     saved = calibrate_run(run_dir, normals, quantile, device, tta=tta, smooth=smooth,
-                          map_kind=map_kind, image_score=image_score)
+                          map_kind=map_kind, image_score=image_score, trained=trained)
     click.echo(f"threshold {saved['image']:.6f}: {saved['source']}; saved for 'predict'")
 
 
@@ -190,12 +195,15 @@ def calibrate(run_dir, normals, quantile, device, tta, smooth, map_kind, image_s
               help="Which map (default: as 'test' did for the saved thresholds).")
 @click.option("--image-score", type=SCORE_CHOICE, default=None,
               help="Decide on the max or the mean of each map (default: the saved thresholds' score).")
+@click.option("--trained/--no-trained", default=None,
+              help="An --ema run's trained weights or their moving average (default: as for the "
+                   "saved thresholds).")
 @_fail_cleanly
-def predict(run_dir, paths, out, threshold, device, tta, smooth, map_kind, image_score):
+def predict(run_dir, paths, out, threshold, device, tta, smooth, map_kind, image_score, trained):
     """Scores, heatmaps and binary masks for images or folders."""
     from .evaluate import predict as run
     csv_path = run(run_dir, paths, out, threshold, device, tta=tta, smooth=smooth, map_kind=map_kind,
-                   image_score=image_score)
+                   image_score=image_score, trained=trained)
     click.echo(f"wrote {csv_path}")
 
 
@@ -205,11 +213,13 @@ def predict(run_dir, paths, out, threshold, device, tta, smooth, map_kind, image
 @click.option("--out", type=click.Path(), required=True)
 @click.option("--map", "map_kind", type=MAP_CHOICE, default="head",
               show_default=True, help="combined: with the scales 'test --map combined' saved.")
+@click.option("--trained", is_flag=True,
+              help="An --ema run: use the trained weights, not their moving average.")
 @_fail_cleanly
-def export(run_dir, fmt, out, map_kind):
+def export(run_dir, fmt, out, map_kind, trained):
     """Export the anomaly-map model as ONNX or TorchScript."""
     from .export import export_run
-    click.echo(f"wrote {export_run(run_dir, fmt, out, map_kind=map_kind)}")
+    click.echo(f"wrote {export_run(run_dir, fmt, out, map_kind=map_kind, trained=trained)}")
 
 
 @main.command()

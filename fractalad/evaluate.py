@@ -28,8 +28,17 @@ class RunError(ValueError):
     """A run folder that cannot be used; the message says why and what to do."""
 
 
-def load_run(run_dir: str, device: str | torch.device = "auto"):
-    """(model in eval mode on ``device``, run metadata) from a ``fractalad fit`` folder."""
+def averaged(meta: dict) -> bool:
+    """Whether a run's model.pt is a moving average of its weights (``fit --ema``)."""
+    return meta["fit"].get("ema", 0.0) > 0
+
+
+def load_run(run_dir: str, device: str | torch.device = "auto", trained: bool = False):
+    """(model in eval mode on ``device``, run metadata) from a ``fractalad fit`` folder.
+
+    An ``--ema`` run's model is the moving average of its weights; ``trained`` loads the
+    weights training reached instead (for any other run both are the same).
+    """
     path = os.path.join(run_dir, "model.pt")
     if not os.path.isfile(path):
         raise RunError(f"{path}: missing; is {run_dir} a finished 'fractalad fit' run?")
@@ -45,7 +54,13 @@ def load_run(run_dir: str, device: str | torch.device = "auto"):
     device = pick_device(device) if isinstance(device, str) else device
     model = FractalAD(fit["backbone"], fit["kd"], pretrained=False, head_width=fit.get("head_width"),
                       input_blur=fit.get("input_blur", 0.0))
-    model.load_state_dict(state["model"])
+    weights = state["model"]
+    if trained and averaged(meta):
+        if "trained" not in state:
+            raise RunError(f"{path}: holds only the moving average (saved by an older fractalad); "
+                           "drop --trained, or re-run 'fractalad fit'")
+        weights = {**weights, **state["trained"]}
+    model.load_state_dict(weights)
     return model.to(device).eval(), meta
 
 
@@ -213,11 +228,11 @@ def calibration_images(data: str, size: int, channels: int, limit: int = CALIBRA
     return preprocess([paths[i] for i in pick], size, channels)
 
 
-def _load_run_for_map(run_dir: str, device: str, map_kind: str):
+def _load_run_for_map(run_dir: str, device: str, map_kind: str, trained: bool = False):
     """load_run, after checking that the run can draw ``map_kind`` maps."""
     if map_kind not in MAP_KINDS:
         raise ValueError(f"map_kind must be one of {MAP_KINDS}, got {map_kind!r}")
-    model, meta = load_run(run_dir, device)
+    model, meta = load_run(run_dir, device, trained)
     if map_kind == "combined" and not model.kd:
         raise RunError(f"{run_dir}: trained without distillation, so it has no student-teacher map; "
                        "use --map head")
@@ -251,7 +266,8 @@ def calibration_normals(run_dir: str, data: str | None, size: int, channels: int
 
 def calibrate_run(run_dir: str, normals: str | None = None, quantile: float = NORMALS_QUANTILE,
                   device: str = "auto", batch_size: int = 32, tta: bool = False,
-                  smooth: float = 0.0, map_kind: str = "head", image_score: str = "max") -> dict:
+                  smooth: float = 0.0, map_kind: str = "head", image_score: str = "max",
+                  trained: bool = False) -> dict:
     """Thresholds from normal images alone, for lines that have no defect photos.
 
     The pixel threshold is the ``quantile`` of the normals' max-of-map scores, so that share of
@@ -259,13 +275,14 @@ def calibrate_run(run_dir: str, normals: str | None = None, quantile: float = NO
     ``image_score`` ('max': the same number, so an image is flagged exactly when its mask is
     not empty; 'mean': the mean of the map). ``normals``: a folder of good images the run
     never trained on; default: the run's held-out normals (``fractalsynth generate
-    --holdout``). Saves thresholds.json for ``predict`` (the combined map's scales come from
-    the same normals) and returns it.
+    --holdout``). ``trained``: an ``--ema`` run's trained weights, not their average. Saves
+    thresholds.json for ``predict`` (the combined map's scales come from the same normals) and
+    returns it.
     """
     if not 0.0 < quantile <= 1.0:
         raise ValueError(f"quantile must be in (0, 1], got {quantile}")
     _check_image_score(image_score)
-    model, meta = _load_run_for_map(run_dir, device, map_kind)
+    model, meta = _load_run_for_map(run_dir, device, map_kind, trained)
     if normals is None:
         images, source = calibration_normals(run_dir, None, meta["size"], meta["channels"])
     else:
@@ -277,7 +294,8 @@ def calibrate_run(run_dir: str, normals: str | None = None, quantile: float = NO
     threshold = float(np.quantile(scores, quantile))
     pixel = float(np.quantile(image_scores(maps, "max"), quantile))
     saved = {"image": threshold, "pixel": pixel, "image_score": image_score, "tta": tta,
-             "smooth": smooth, "map": map_kind, "map_norm": None if norm is None else asdict(norm),
+             "smooth": smooth, "map": map_kind, "trained": trained and averaged(meta),
+             "map_norm": None if norm is None else asdict(norm),
              "source": f"quantile {quantile} of the image scores ({image_score} of the map) of {source}",
              "normal_scores": {"median": float(np.median(scores)), "max": float(scores.max()),
                                "n": len(scores)}}
@@ -382,7 +400,7 @@ def _ground_truth(mask_path, shape) -> np.ndarray:
 def test_run(run_dir: str, data: str, out: str | None = None, device: str = "auto",
              n_overlays: int = 8, batch_size: int = 32, pixel_resolution: str = "model",
              tta: bool = False, smooth: float = 0.0, map_kind: str = "head",
-             image_score: str = "max") -> dict:
+             image_score: str = "max", trained: bool = False) -> dict:
     """Score the test set: metrics.json, a table, thresholds, overlays of worst / best cases.
 
     ``pixel_resolution``: 'model' scores pixels at the model's input size; 'original' upsamples
@@ -394,12 +412,13 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
     quantiles on the run's held-out normals, else on up to 200 images of DATA/train/good;
     distillation runs only). ``image_score``: which score ('max' or 'mean' of the map) gets the
     F1Max image threshold saved for ``predict`` and orders the overlays; metrics.json reports
-    both. The saved thresholds remember all four.
+    both. ``trained``: test an ``--ema`` run's trained weights, not their moving average. The
+    saved thresholds remember all five.
     """
     if pixel_resolution not in ("model", "original"):
         raise ValueError(f"pixel_resolution must be 'model' or 'original', got {pixel_resolution!r}")
     _check_image_score(image_score)
-    model, meta = _load_run_for_map(run_dir, device, map_kind)
+    model, meta = _load_run_for_map(run_dir, device, map_kind, trained)
     ts = read_test_set(data)
     out = out or os.path.join(run_dir, "test")
     os.makedirs(out, exist_ok=True)
@@ -440,7 +459,8 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
         held_scores = image_scores(smooth_maps(held_maps, smooth), image_score)
         operating_point = held_out_operating_point(held_scores, score, types)
     thresholds = {"image": results["all"][key], "image_score": image_score, "tta": tta,
-                  "smooth": smooth, "map": map_kind, "map_norm": None if norm is None else asdict(norm),
+                  "smooth": smooth, "map": map_kind, "trained": trained and averaged(meta),
+                  "map_norm": None if norm is None else asdict(norm),
                   "source": f"F1Max on {os.path.abspath(data)}"}
     # without masks the image-level max-of-map threshold is the best guess for the masks too
     thresholds["pixel"] = results["all"].get("pixel_threshold", results["all"]["image_threshold"])
@@ -450,7 +470,8 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
               "image_score": "max of the map (image_*_mean: mean of the map; thresholds.image_score: "
                              "the one thresholded)",
               "pixel_resolution": pixel_resolution, "tta": tta, "smooth": smooth,
-              "map": map_kind, "map_norm": thresholds["map_norm"], "calibration": calibration,
+              "map": map_kind, "trained": thresholds["trained"], "map_norm": thresholds["map_norm"],
+              "calibration": calibration,
               "held_out_operating_point": operating_point}
     _write_json(os.path.join(out, "metrics.json"), report)
     _write_json(os.path.join(run_dir, THRESHOLDS_FILE), thresholds)
@@ -522,39 +543,41 @@ def _predict_inputs(inputs) -> list[tuple[str, str]]:
 
 def _setting(option: str, value) -> str:
     """How a predict option with ``value`` is written on the command line."""
-    if option == "--tta":
-        return "--tta" if value else "--no-tta"
+    if option in ("--tta", "--trained"):
+        return option if value else "--no-" + option[2:]
     return f"{option} {value:g}" if isinstance(value, float) else f"{option} {value}"
 
 
 def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
             device: str = "auto", batch_size: int = 32, tta: bool | None = None,
             smooth: float | None = None, map_kind: str | None = None,
-            image_score: str | None = None) -> str:
+            image_score: str | None = None, trained: bool | None = None) -> str:
     """Heatmaps, binary masks and a scores.csv for images or folders; returns the CSV path.
 
     Thresholds: ``threshold`` for both decisions, else those ``test`` (F1Max) or ``calibrate``
     (normals only) saved last (image: on ``image_score``; pixel: the mask), else 0.5. ``tta``
-    (flip-averaged maps), ``smooth`` (Gaussian sigma), ``map_kind`` and ``image_score`` ('max'
-    or 'mean' of the map) default to what was used for the saved thresholds, since they only
-    hold for such maps; 'combined' needs saved scales, and saved thresholds are refused for
-    another map, image score, ``tta`` or ``smooth``.
+    (flip-averaged maps), ``smooth`` (Gaussian sigma), ``map_kind``, ``image_score`` ('max'
+    or 'mean' of the map) and ``trained`` (an ``--ema`` run's trained weights, not their
+    average) default to what was used for the saved thresholds, since they only hold for such
+    maps; 'combined' needs saved scales, and saved thresholds are refused for other settings.
     Outputs keep each image's path below the deepest folder holding all inputs, so equal file
     names in different folders do not collide.
     """
     if map_kind is not None and map_kind not in MAP_KINDS:
         raise ValueError(f"map_kind must be one of {MAP_KINDS}, got {map_kind!r}")
-    model, meta = load_run(run_dir, device)
-    named = _predict_inputs(inputs)
     saved = _saved_thresholds(run_dir)
+    # what the saved thresholds were set on (older thresholds.json: max, average weights)
+    was = {"--map": saved.get("map", "head"), "--image-score": saved.get("image_score", "max"),
+           "--tta": bool(saved.get("tta", False)), "--smooth": float(saved.get("smooth", 0.0)),
+           "--trained": bool(saved.get("trained", False))}
+    trained = was["--trained"] if trained is None else bool(trained)
+    model, meta = load_run(run_dir, device, trained)
+    named = _predict_inputs(inputs)
     if threshold is not None:
         thresholds = {"image": threshold, "pixel": threshold}
     else:
         thresholds = {"image": 0.5, "pixel": 0.5, **saved}
         thresholds.setdefault("pixel", thresholds["image"])
-    # what the saved thresholds were set on (thresholds.json before image_score: max)
-    was = {"--map": saved.get("map", "head"), "--image-score": saved.get("image_score", "max"),
-           "--tta": bool(saved.get("tta", False)), "--smooth": float(saved.get("smooth", 0.0))}
     tta = was["--tta"] if tta is None else bool(tta)
     smooth = was["--smooth"] if smooth is None else float(smooth)
     map_kind = was["--map"] if map_kind is None else map_kind
@@ -564,7 +587,8 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
         # a threshold only holds for the maps it was set on: the combined map is not on the
         # head's 0-1 scale, a mean of the map sits far below its max, and flip-averaging or
         # smoothing lowers a map's peaks
-        now = {"--map": map_kind, "--image-score": image_score, "--tta": tta, "--smooth": smooth}
+        now = {"--map": map_kind, "--image-score": image_score, "--tta": tta, "--smooth": smooth,
+               "--trained": trained and averaged(meta)}
         for option in was:
             if was[option] != now[option]:
                 raise RunError(f"{os.path.join(run_dir, THRESHOLDS_FILE)}: its thresholds are for "

@@ -27,14 +27,16 @@ class AnomalyMapModel(torch.nn.Module):
         return 0.25 * ((self.model.map_pair(images) - self.lo) / self.span).sum(1, keepdim=True)
 
 
-def export_run(run_dir: str, fmt: str, out: str, batch_size: int = 1, map_kind: str = "head") -> str:
+def export_run(run_dir: str, fmt: str, out: str, batch_size: int = 1, map_kind: str = "head",
+               trained: bool = False) -> str:
     """Write ``out`` in ``fmt`` ('onnx' or 'torchscript'); returns the path.
 
     ``map_kind`` 'combined' bakes in the scales ``test --map combined`` saved for the run.
+    ``trained``: an ``--ema`` run's trained weights, not their moving average.
     """
     if fmt not in ("onnx", "torchscript"):
         raise ValueError(f"unknown format {fmt!r}; choose onnx or torchscript")
-    model, meta = load_run(run_dir, "cpu")
+    model, meta = load_run(run_dir, "cpu", trained)
     norm = saved_map_norm(run_dir) if map_kind == "combined" else None
     wrapper = AnomalyMapModel(model, norm).eval()
     example = torch.rand(batch_size, meta["channels"], meta["size"], meta["size"])

@@ -467,9 +467,11 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
         csv_fh.close()
     if rank == 0:
         # the full state, teacher included: test / predict need neither --weights nor a network;
-        # under --ema the averaged weights (checkpoint.pt keeps the trained ones, to resume)
-        _atomic_save({"meta": meta, "model": trainer.final_weights()},
-                     os.path.join(out_dir, "model.pt"))
+        # under --ema the averaged weights, with the trained ones beside them (load_run(trained=True))
+        final = {"meta": meta, "model": trainer.final_weights()}
+        if trainer.average:
+            final["trained"] = trainer.model.trainable_state()
+        _atomic_save(final, os.path.join(out_dir, "model.pt"))
     done = trainer.step_count - start
     return {"steps": trainer.step_count, "seconds": seconds,
             "samples_per_s": done * cfg.batch_size * trainer.world / max(seconds, 1e-9), **last}

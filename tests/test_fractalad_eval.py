@@ -515,3 +515,51 @@ def test_exports_keep_the_input_blur(tiny_run, tmp_path):
         # the tiny run's head map is nearly flat; its student-teacher map shows the blur
         assert not torch.allclose(plain.map_pair(x)[:, 1], model.map_pair(x)[:, 1], atol=1e-3)
     _assert_exports_match(run, x, ref, tmp_path)
+
+
+def test_an_ema_run_tests_predicts_and_exports_either_weights(tiny_run, tmp_path):
+    import shutil
+    from fractalad.evaluate import RunError, anomaly_maps, load_run, predict, preprocess, read_test_set
+    run, data = str(tmp_path / "run"), str(tiny_run / "data")
+    shutil.copytree(tiny_run / "run", run, ignore=shutil.ignore_patterns("test*", "thresholds.json"))
+    state = torch.load(os.path.join(run, "model.pt"), weights_only=False)
+    trained = {k: v for k, v in state["model"].items() if not k.startswith("teacher.")}
+    gen = torch.Generator().manual_seed(0)
+    # as 'fit --ema' saves it: the average as the model, the trained weights beside it
+    state["model"] = {k: v + 0.05 * torch.randn(v.shape, generator=gen) if k in trained and v.is_floating_point()
+                      else v for k, v in state["model"].items()}
+    state["trained"] = trained
+    state["meta"]["fit"]["ema"] = 0.9
+    torch.save(state, os.path.join(run, "model.pt"))
+    average, _ = load_run(run, "cpu")
+    plain, meta = load_run(str(tiny_run / "run"), "cpu")
+    model, _ = load_run(run, "cpu", trained=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in plain.state_dict().items())
+    assert all(torch.equal(average.state_dict()[k], v) for k, v in state["model"].items())
+    paths = [p for p in read_test_set(data).paths if "spot" in p]
+    imgs = preprocess(paths, meta["size"], meta["channels"])
+    want = {t: anomaly_maps(m, imgs)[0].reshape(len(paths), -1).max(1) for t, m in ((1, plain), (0, average))}
+    assert not np.allclose(want[0], want[1], atol=1e-4)
+    r = CliRunner()
+    res = r.invoke(main, ["test", run, "--data", data, "--device", "cpu", "--overlays", "0", "--trained"])
+    assert res.exit_code == 0, res.output
+    assert json.load(open(os.path.join(run, "test", "metrics.json")))["trained"] is True
+    for flag, expect in ((None, want[1]), (False, want[0])):  # default: the weights 'test' used
+        out = str(tmp_path / f"pred_{flag}")
+        with open(predict(run, paths, out, trained=flag, threshold=None if flag is None else 0.5)) as fh:
+            got = np.array([float(row.split(",")[1]) for row in fh.read().splitlines()[1:]])
+        np.testing.assert_allclose(got, expect, atol=1e-6)
+    with pytest.raises(RunError, match="thresholds are for --trained, not --no-trained"):
+        predict(run, paths, str(tmp_path / "refused"), trained=False)
+    x = torch.rand(2, meta["channels"], meta["size"], meta["size"])
+    with torch.no_grad():
+        ref = plain.anomaly_map(x).numpy()
+    ts = str(tmp_path / "m.pt")
+    assert r.invoke(main, ["export", run, "--format", "torchscript", "--out", ts, "--trained"]).exit_code == 0
+    with torch.no_grad():
+        np.testing.assert_allclose(torch.jit.load(ts)(x).numpy(), ref, atol=1e-5)
+    del state["trained"]  # a model.pt from before both were kept
+    torch.save(state, os.path.join(run, "model.pt"))
+    res = r.invoke(main, ["test", run, "--data", data, "--device", "cpu", "--trained"])
+    assert res.exit_code == 2 and "holds only the moving average" in res.output
+    assert load_run(run, "cpu")[0] is not None  # the average still loads

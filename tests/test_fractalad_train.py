@@ -436,5 +436,7 @@ def test_ema_run_saves_the_average_and_resumes_exactly(tiny_shards, tmp_path):
     model, meta = load_run(straight, "cpu")
     assert meta["fit"]["ema"] == 0.8
     assert all(torch.equal(model.state_dict()[k], a[k]) for k in a)
+    model, _ = load_run(straight, "cpu", trained=True)  # what the average averaged
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in load_run(plain, "cpu")[0].state_dict().items())
     with pytest.raises(ValueError, match=r"other settings \(ema\)"):
         fit(tiny_shards, straight, _cfg(steps=7, lr=2e-3, ema=0.9), resume=True, progress=False)
