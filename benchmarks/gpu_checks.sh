@@ -7,7 +7,8 @@
 # distillation step's speed in fp32, where its time goes, and compiled (earlier results:
 # docs/results/h100_*.json). The first two need ~9.5 min; the rest fits a second call
 # on the still-warm machine (skip the done checks with SKIP="name ...").
-# Needs .gpu/lite0.pth and .gpu/magnetic_tile (carried, git-ignored).
+# Needs .gpu/lite0.pth and .gpu/magnetic_tile (carried, git-ignored; benchmarks/prepare_gpu.sh
+# builds both).
 # Results: one JSON line per check on stdout and in $OUT/*.json. BUDGET (s, default 540) caps
 # the whole script: a check starts only with >= 60 s left and gets at most LIMIT (s) or what
 # is left. A Lite0 distillation run on the paper schedule takes ~110 s on an H100 eager
