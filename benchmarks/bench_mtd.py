@@ -199,6 +199,7 @@ def main(argv=None):
         "dilate": args.dilate, "pixel_resolution": args.pixel_resolution, "smooth": args.smooth,
         "seed": args.seed, "holdout": args.holdout,
         "size": args.size, "steps": summary["steps"], "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
         "train_samples_per_s": round(summary["samples_per_s"], 1),
         "test_images_per_s": round(report["images_per_s"], 1),
         "stage_seconds": {k: round(v, 1) for k, v in seconds.items()},

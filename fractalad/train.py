@@ -375,7 +375,10 @@ def run_metadata(cfg: FitConfig, shards_dir: str, trainer: Trainer) -> dict:
     return {"schema": RUN_SCHEMA, "version": RUN_VERSION, "fractalad_version": __version__,
             "fit": asdict(cfg), "shards": os.path.abspath(shards_dir),
             "size": trainer.shards.size, "channels": trainer.shards.channels,
-            "shards_params_hash": trainer.shards.manifest["params_hash"]}
+            "shards_params_hash": trainer.shards.manifest["params_hash"],
+            # float sums depend on how a step's work is split: the same seed repeats the same
+            # weights only with the same torch and, on the CPU, the same number of threads
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, progress=True,

@@ -255,6 +255,8 @@ def test_fit_writes_a_run_and_refuses_to_clobber(tiny_shards, tmp_path):
     assert summary["steps"] == 3
     for f in ("config.json", "metrics.csv", "checkpoint.pt", "model.pt"):
         assert os.path.isfile(os.path.join(run, f))
+    meta = json.load(open(os.path.join(run, "config.json")))  # what exact repetition needs
+    assert meta["threads"] == torch.get_num_threads() and meta["torch"] == torch.__version__
     with pytest.raises(FileExistsError, match="--resume"):
         fit(tiny_shards, run, _cfg(steps=3), progress=False)
     with pytest.raises(ValueError, match=r"other settings \(lr\)"):
