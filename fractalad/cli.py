@@ -16,6 +16,8 @@ from .model import PRESETS
 MAP_CHOICE = click.Choice(MAP_KINDS)
 SCORE_CHOICE = click.Choice(IMAGE_SCORES)
 _fail_cleanly = fail_cleanly(RuntimeError)
+TRAINED_OPTION = click.option("--trained", is_flag=True,
+                              help="An --ema run: use the trained weights, not their moving average.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -132,8 +134,7 @@ def _resumed_settings(out: str, given: dict) -> dict:
                                       "DATA/train/good (distillation runs).")
 @click.option("--image-score", type=SCORE_CHOICE, default="max", show_default=True,
               help="The image score whose F1Max threshold is saved for 'predict' (both are reported).")
-@click.option("--trained", is_flag=True,
-              help="An --ema run: use the trained weights, not their moving average.")
+@TRAINED_OPTION
 @_fail_cleanly
 def test(run_dir, data, out, device, overlays, pixel_resolution, tta, smooth, map_kind, image_score,
          trained):
@@ -169,8 +170,7 @@ def test(run_dir, data, out, device, overlays, pixel_resolution, tta, smooth, ma
               help="combined: also fits its scales on the same normals.")
 @click.option("--image-score", type=SCORE_CHOICE, default="max", show_default=True,
               help="Threshold the max of each map or its mean (masks: always the max's quantile).")
-@click.option("--trained", is_flag=True,
-              help="An --ema run: use the trained weights, not their moving average.")
+@TRAINED_OPTION
 @_fail_cleanly
 def calibrate(run_dir, normals, quantile, device, tta, smooth, map_kind, image_score, trained):
     """Thresholds for 'predict' from good images alone (no defect photos needed)."""
@@ -213,8 +213,7 @@ def predict(run_dir, paths, out, threshold, device, tta, smooth, map_kind, image
 @click.option("--out", type=click.Path(), required=True)
 @click.option("--map", "map_kind", type=MAP_CHOICE, default="head",
               show_default=True, help="combined: with the scales 'test --map combined' saved.")
-@click.option("--trained", is_flag=True,
-              help="An --ema run: use the trained weights, not their moving average.")
+@TRAINED_OPTION
 @_fail_cleanly
 def export(run_dir, fmt, out, map_kind, trained):
     """Export the anomaly-map model as ONNX or TorchScript."""
