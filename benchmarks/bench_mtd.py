@@ -72,12 +72,12 @@ def _test_with_live(run: str, work: str, prefix: str, args, seconds: dict) -> tu
     """(the run's report, {"metrics": ..., ...}); under --ema also {"live": the result of the
     same step's weights before averaging}, a paired comparison, tested first so that the
     thresholds the run keeps are its model's (the average's)."""
-    live = None
-    if args.ema:
-        report, extra = _test(run, work, prefix + "live_", args, seconds, trained=True)
-        live = {"metrics": _rounded(report["metrics"]), **extra}
+    live = _test(run, work, prefix + "live_", args, seconds, trained=True) if args.ema else None
     report, extra = _test(run, work, prefix, args, seconds)
-    return report, {"metrics": _rounded(report["metrics"]), **extra, **({"live": live} if live else {})}
+    tested = {"metrics": _rounded(report["metrics"]), **extra}
+    if live:
+        tested["live"] = {"metrics": _rounded(live[0]["metrics"]), **live[1]}
+    return report, tested
 
 
 def main(argv=None):
