@@ -168,9 +168,31 @@ def _load_textures(folder):
     return [load_image(p) for p in paths], digest
 
 
-def _progress(total, desc):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="sample", smoothing=0.1, dynamic_ncols=True)
+class _progress:
+    """A tqdm bar that appears with the first update or message, so an early error prints alone."""
+
+    def __init__(self, total, desc):
+        self.total, self.desc, self.bar = total, desc, None
+
+    def _bar(self):
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, desc=self.desc, unit="sample", smoothing=0.1,
+                            dynamic_ncols=True)
+        return self.bar
+
+    def update(self, k=1):
+        self._bar().update(k)
+
+    def write(self, message):
+        self._bar().write(message)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

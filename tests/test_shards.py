@@ -121,6 +121,7 @@ def test_bad_inputs(tmp_path, normals_dir):
     res = r.invoke(main, ["generate", "--normals", str(empty), "--n", "10", "--out",
                           str(tmp_path / "o")])
     assert res.exit_code == 2 and "no images found" in res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output  # no progress bar before it
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "broken.png").write_bytes(b"\x89PNG garbage")
@@ -128,6 +129,7 @@ def test_bad_inputs(tmp_path, normals_dir):
     shutil.copy(os.path.join(normals_dir, "n0.png"), bad / "ok.png")
     res = r.invoke(main, ["generate", "--normals", str(bad), "--n", "10", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "broken.png" in res.output and "--skip-bad" in res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
     res = r.invoke(main, ["generate", "--normals", str(bad), "--n", "10", "--size", "32",
                           "--skip-bad", "--out", str(tmp_path / "o2")])
     assert res.exit_code == 0, res.output
