@@ -168,7 +168,7 @@ def _load_textures(folder):
     return [load_image(p) for p in paths], digest
 
 
-class _progress:
+class _LazyBar:
     """A tqdm bar that appears with the first update or message, so an early error prints alone."""
 
     def __init__(self, total, desc):
@@ -217,7 +217,7 @@ def masks(n, size, seed, out, workers, **kw):
     numba.set_num_threads(min(workers, numba.config.NUMBA_NUM_THREADS))
     cfg = _ifs_config(**kw)
     t = time.perf_counter()
-    with _progress(n, "masks") as bar:
+    with _LazyBar(n, "masks") as bar:
         info = write_mask_bank(out, n, size, seed, cfg, progress=bar.update)
     dt = time.perf_counter() - t
     click.echo(f"wrote {info.count} masks of {size}x{size} to {out} in {dt:.1f}s "
@@ -278,7 +278,7 @@ def generate(normals, n, out, seed, workers, shard_size, shard_range, skip_bad, 
     lo, hi = sr or (0, n_shards)
     total = sum(min(shard_size, n - k * shard_size) for k in range(max(lo, 0), min(hi, n_shards)))
     t = time.perf_counter()
-    with _progress(total, "generate") as bar:
+    with _LazyBar(total, "generate") as bar:
         summary = run(normals, out, n, cfg, seed, shard_size, workers, sr, skip_bad, tex, digest,
                       progress=bar.update, log=lambda m: bar.write(m), holdout=holdout)
     dt = time.perf_counter() - t
@@ -333,7 +333,7 @@ def export(dataset, out, limit):
     """Write samples as PNG folders image/, mask/, normal/."""
     from .shards import ShardDataset, export_pngs
     total = limit or len(ShardDataset(dataset))
-    with _progress(total, "export") as bar:
+    with _LazyBar(total, "export") as bar:
         done = export_pngs(dataset, out, limit, progress=bar.update)
     click.echo(f"wrote {done} samples to {out}")
 
