@@ -118,7 +118,8 @@ def _resumed_settings(out: str, given: dict) -> dict:
 @main.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--data", type=click.Path(), required=True, help="MVTec-layout folder.")
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Default: RUN_DIR/test.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Default: RUN_DIR/test, suffixed by non-default settings (test-combined, ...).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--overlays", type=click.IntRange(min=0), default=8, show_default=True,
               help="Overlay PNGs of the N worst and best cases.")
@@ -151,7 +152,7 @@ def test(run_dir, data, out, device, overlays, pixel_resolution, tta, smooth, ma
                    f"{100 * rates.get('good', float('nan')):.1f} % of good images flagged, "
                    f"{100 * rates.get('all_defects', float('nan')):.1f} % of defective found ({found})")
     click.echo(f"{report['n_images']} images, {report['images_per_s']:.1f} images/s on "
-               f"{report['device']}")
+               f"{report['device']}; metrics.json and overlays in {report['out']}")
 
 
 @main.command()

@@ -397,6 +397,18 @@ def _ground_truth(mask_path, shape) -> np.ndarray:
     return m
 
 
+def default_test_dir(run_dir: str, pixel_resolution: str = "model", tta: bool = False,
+                     smooth: float = 0.0, map_kind: str = "head", trained: bool = False) -> str:
+    """RUN_DIR/test, suffixed by each setting that changes the metrics (e.g. test-combined-trained)."""
+    parts = ["test"]
+    parts += ["combined"] if map_kind == "combined" else []
+    parts += ["trained"] if trained else []
+    parts += ["tta"] if tta else []
+    parts += [f"smooth{smooth:g}"] if smooth else []
+    parts += ["original"] if pixel_resolution == "original" else []
+    return os.path.join(run_dir, "-".join(parts))
+
+
 def test_run(run_dir: str, data: str, out: str | None = None, device: str = "auto",
              n_overlays: int = 8, batch_size: int = 32, pixel_resolution: str = "model",
              tta: bool = False, smooth: float = 0.0, map_kind: str = "head",
@@ -413,14 +425,16 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
     distillation runs only). ``image_score``: which score ('max' or 'mean' of the map) gets the
     F1Max image threshold saved for ``predict`` and orders the overlays; metrics.json reports
     both. ``trained``: test an ``--ema`` run's trained weights, not their moving average. The
-    saved thresholds remember all five.
+    saved thresholds remember all five. ``out`` defaults to ``default_test_dir``, so tests with
+    other settings do not overwrite each other's metrics and overlays.
     """
     if pixel_resolution not in ("model", "original"):
         raise ValueError(f"pixel_resolution must be 'model' or 'original', got {pixel_resolution!r}")
     _check_image_score(image_score)
     model, meta = _load_run_for_map(run_dir, device, map_kind, trained)
     ts = read_test_set(data)
-    out = out or os.path.join(run_dir, "test")
+    out = out or default_test_dir(run_dir, pixel_resolution, tta, smooth, map_kind,
+                                  trained and averaged(meta))
     os.makedirs(out, exist_ok=True)
     size, ch = meta["size"], meta["channels"]
     t0 = time.perf_counter()
@@ -467,6 +481,7 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
     report = {"metrics": results, "thresholds": thresholds, "images_per_s": ips,
               "device": str(next(model.parameters()).device), "n_images": len(ts.paths),
               "seconds": time.perf_counter() - t0, "data": os.path.abspath(data),
+              "out": os.path.abspath(out),
               "image_score": "max of the map (image_*_mean: mean of the map; thresholds.image_score: "
                              "the one thresholded)",
               "pixel_resolution": pixel_resolution, "tta": tta, "smooth": smooth,

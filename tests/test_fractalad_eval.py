@@ -543,7 +543,9 @@ def test_an_ema_run_tests_predicts_and_exports_either_weights(tiny_run, tmp_path
     r = CliRunner()
     res = r.invoke(main, ["test", run, "--data", data, "--device", "cpu", "--overlays", "0", "--trained"])
     assert res.exit_code == 0, res.output
-    assert json.load(open(os.path.join(run, "test", "metrics.json")))["trained"] is True
+    assert res.output.rstrip().endswith(os.path.abspath(os.path.join(run, "test-trained")))
+    assert json.load(open(os.path.join(run, "test-trained", "metrics.json")))["trained"] is True
+    assert not os.path.exists(os.path.join(run, "test"))  # the average's default folder is apart
     for flag, expect in ((None, want[1]), (False, want[0])):  # default: the weights 'test' used
         out = str(tmp_path / f"pred_{flag}")
         with open(predict(run, paths, out, trained=flag, threshold=None if flag is None else 0.5)) as fh:
@@ -563,3 +565,11 @@ def test_an_ema_run_tests_predicts_and_exports_either_weights(tiny_run, tmp_path
     res = r.invoke(main, ["test", run, "--data", data, "--device", "cpu", "--trained"])
     assert res.exit_code == 2 and "holds only the moving average" in res.output
     assert load_run(run, "cpu")[0] is not None  # the average still loads
+
+
+def test_default_test_dir_names_the_settings():
+    from fractalad.evaluate import default_test_dir
+    assert default_test_dir("r") == os.path.join("r", "test")
+    assert default_test_dir("r", "original", True, 2.0, "combined", True) == \
+        os.path.join("r", "test-combined-trained-tta-smooth2-original")
+    assert default_test_dir("r", smooth=0.5) == os.path.join("r", "test-smooth0.5")
