@@ -33,6 +33,10 @@ RUN_VERSION = 1
 HOLDOUT_FILE = "holdout_normals.npz"  # the shard set's held-out normals, for calibration
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN or infinite; the last checkpoint is left as it was."""
+
+
 @dataclass
 class FitConfig:
     """Training settings; defaults are the paper's."""
@@ -343,6 +347,12 @@ class GraphedStep:
         return self.outputs
 
 
+def weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter and buffer is finite (one host sync)."""
+    tensors = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+
+
 def _atomic_save(obj, path):
     tmp = path + ".partial"
     torch.save(obj, tmp)
@@ -369,6 +379,13 @@ def _saved_config(config: dict) -> FitConfig:
     """A checkpoint's settings; one an older checkpoint lacks had its default then."""
     known = {f.name for f in fields(FitConfig)}
     return FitConfig(**{k: v for k, v in config.items() if k in known})
+
+
+def _diverged(out_dir: str, ckpt: str, what: str):
+    kept = (f"{ckpt} keeps step {int(torch.load(ckpt, map_location='cpu', weights_only=False)['step'])}"
+            if os.path.isfile(ckpt) else "no checkpoint was saved")
+    raise TrainingDiverged(f"{out_dir}: training diverged ({what}); {kept}, and no model.pt was "
+                           "written; start a new run with a lower --lr")
 
 
 def run_metadata(cfg: FitConfig, shards_dir: str, trainer: Trainer) -> dict:
@@ -446,6 +463,8 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
         s = trainer.step_count
         if s % cfg.log_every == 0 or s == total:
             vals = (sums / count).tolist()  # the only host sync, every log_every steps
+            if not all(math.isfinite(v) for v in vals):
+                _diverged(out_dir, ckpt, f"the mean loss of steps {s - count + 1}-{s} is {vals[0]}")
             now = time.perf_counter()
             rate = count * cfg.batch_size * trainer.world / max(now - t_log, 1e-9)
             last = {"step": s, "loss": vals[0], "kd": vals[1], "seg": vals[2], "samples_per_s": rate}
@@ -461,8 +480,13 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
             t_log = now
         if bar:
             bar.update(1)
-        if rank == 0 and (s % cfg.checkpoint_every == 0 or s == total):
-            _atomic_save(trainer.state(), ckpt)
+        if s % cfg.checkpoint_every == 0 or s == total:
+            # a checkpoint is only ever replaced by a sound one (an update can overflow the
+            # weights while its own loss is still finite); every rank checks, so all stop together
+            if not weights_finite(trainer.model):
+                _diverged(out_dir, ckpt, f"the weights after step {s} are not finite")
+            if rank == 0:
+                _atomic_save(trainer.state(), ckpt)
     seconds = time.perf_counter() - t0
     if bar:
         bar.close()

@@ -282,6 +282,32 @@ def test_fit_writes_a_run_and_refuses_to_clobber(tiny_shards, tmp_path):
             progress=False)
 
 
+def test_a_diverging_run_stops_and_keeps_its_last_sound_checkpoint(tiny_shards, tmp_path, monkeypatch):
+    from fractalad.train import TrainingDiverged
+    step = Trainer.step
+
+    def poisoned_after(at):
+        def wrapped(self, batch):
+            out = step(self, batch)
+            if self.step_count == at:  # as if this update had overflowed the head's weights
+                with torch.no_grad():
+                    next(self.model.head.parameters()).fill_(float("nan"))
+            return out
+        return wrapped
+
+    # the next loss is NaN; the weights are NaN while their own step's loss is still finite
+    for at, log_every, what in ((3, 1, "mean loss of steps 4-4 is nan"),
+                                (4, 4, "weights after step 4 are not finite")):
+        run = str(tmp_path / f"run{at}")
+        monkeypatch.setattr(Trainer, "step", poisoned_after(at))
+        with pytest.raises(TrainingDiverged, match=f"{what}.*checkpoint.pt keeps step 2, and no model.pt"):
+            fit(tiny_shards, run, _cfg(steps=6, checkpoint_every=2, log_every=log_every), progress=False)
+        assert not os.path.exists(os.path.join(run, "model.pt"))
+        monkeypatch.setattr(Trainer, "step", step)
+        assert fit(tiny_shards, run, _cfg(steps=6, checkpoint_every=2, log_every=log_every),
+                   resume=True, progress=False)["steps"] == 6  # the sound checkpoint goes on
+
+
 def test_resume_extends_a_finished_run_like_a_longer_one(tiny_shards, tmp_path):
     from click.testing import CliRunner
     from fractalad.cli import main
