@@ -115,8 +115,8 @@ class FlowAlign(nn.Module):
         offset = torch.stack([flow[:, 0] * (2.0 / max(w - 1, 1)), flow[:, 1] * (2.0 / max(h - 1, 1))],
                              dim=-1)
         grid = self.base_grid(h, w, fine.device) + offset
-        # a NaN coordinate crashes the CPU backward of border-padded grid_sample (a segfault in
-        # torch 2.13): a diverging run must live to reach fit's NaN check, which stops it cleanly
+        # a NaN coordinate crashes grid_sample's CPU kernel (a segfault in the backward here,
+        # torch 2.13; pytorch/pytorch#24823): a diverging run must live to reach fit's NaN check
         grid = torch.where(grid.isnan(), 0.0, grid)
         return F.grid_sample(coarse.float(), grid, mode="bilinear", padding_mode="border",
                              align_corners=True).to(coarse.dtype)
