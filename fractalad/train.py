@@ -462,6 +462,9 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
         count += 1
         s = trainer.step_count
         if s % cfg.log_every == 0 or s == total:
+            if trainer.world > 1:  # every rank logs, and checks, the mean over all ranks
+                dist.all_reduce(sums)
+                sums /= trainer.world
             vals = (sums / count).tolist()  # the only host sync, every log_every steps
             if not all(math.isfinite(v) for v in vals):
                 _diverged(out_dir, ckpt, f"the mean loss of steps {s - count + 1}-{s} is {vals[0]}")

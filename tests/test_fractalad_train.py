@@ -428,6 +428,44 @@ def test_ddp_gloo_gradients_agree(tiny_shards, tmp_path):
     assert np.abs(g0).sum() > 0
 
 
+def _ddp_fit_worker(rank, world, port, shards, out, q):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from fractalad.train import TrainingDiverged
+    step = Trainer.step
+
+    def loss_nan_on_rank_1(self, batch):  # one rank's loss alone goes bad
+        total, kd, seg = step(self, batch)
+        return (total * float("nan"), kd, seg) if rank == 1 and self.step_count == 3 else (total, kd, seg)
+
+    Trainer.step = loss_nan_on_rank_1
+    try:
+        fit(shards, out, _cfg(steps=6, log_every=2), progress=False)
+        q.put((rank, "finished"))
+    except TrainingDiverged as e:
+        q.put((rank, str(e)))
+
+
+def test_ddp_fit_ranks_stop_together_on_one_ranks_nan(tiny_shards, tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    out = str(tmp_path / "run")
+    procs = [ctx.Process(target=_ddp_fit_worker, args=(r, 2, port, tiny_shards, out, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(q.get(timeout=240) for _ in procs)  # a rank left behind would hang here
+    for p in procs:
+        p.join(timeout=60)
+    for rank in (0, 1):
+        assert "mean loss of steps 3-4 is nan" in results[rank], results[rank]
+    assert not os.path.exists(os.path.join(out, "model.pt"))
+
+
 def test_weight_average_follows_the_trained_weights(tiny_shards):
     tr = Trainer(tiny_shards, _cfg(steps=4, ema=0.9, lr=2e-3))
     assert tr.average.rate(1) == pytest.approx(1 - 2 / 11) and tr.average.rate(10**6) == pytest.approx(0.1)
