@@ -432,9 +432,9 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
         raise ValueError(f"pixel_resolution must be 'model' or 'original', got {pixel_resolution!r}")
     _check_image_score(image_score)
     model, meta = _load_run_for_map(run_dir, device, map_kind, trained)
+    trained = trained and averaged(meta)  # only an --ema run has two sets of weights
     ts = read_test_set(data)
-    out = out or default_test_dir(run_dir, pixel_resolution, tta, smooth, map_kind,
-                                  trained and averaged(meta))
+    out = out or default_test_dir(run_dir, pixel_resolution, tta, smooth, map_kind, trained)
     os.makedirs(out, exist_ok=True)
     size, ch = meta["size"], meta["channels"]
     t0 = time.perf_counter()
@@ -473,7 +473,7 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
         held_scores = image_scores(smooth_maps(held_maps, smooth), image_score)
         operating_point = held_out_operating_point(held_scores, score, types)
     thresholds = {"image": results["all"][key], "image_score": image_score, "tta": tta,
-                  "smooth": smooth, "map": map_kind, "trained": trained and averaged(meta),
+                  "smooth": smooth, "map": map_kind, "trained": trained,
                   "map_norm": None if norm is None else asdict(norm),
                   "source": f"F1Max on {os.path.abspath(data)}"}
     # without masks the image-level max-of-map threshold is the best guess for the masks too

@@ -381,9 +381,8 @@ def _saved_config(config: dict) -> FitConfig:
     return FitConfig(**{k: v for k, v in config.items() if k in known})
 
 
-def _diverged(out_dir: str, ckpt: str, what: str):
-    kept = (f"{ckpt} keeps step {int(torch.load(ckpt, map_location='cpu', weights_only=False)['step'])}"
-            if os.path.isfile(ckpt) else "no checkpoint was saved")
+def _diverged(out_dir: str, ckpt: str, saved_step: int | None, what: str):
+    kept = f"{ckpt} keeps step {saved_step}" if saved_step is not None else "no checkpoint was saved"
     raise TrainingDiverged(f"{out_dir}: training diverged ({what}); {kept}, and no model.pt was "
                            "written; start a new run with a lower --lr")
 
@@ -455,6 +454,7 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
     t0 = time.perf_counter()
     t_log = t0
     start = trainer.step_count
+    saved_step = start if resume else None  # the step checkpoint.pt holds
     last = {}
     for batch in trainer.batches_from(start, total, cfg.workers):
         total_l, kd, seg = trainer.step(batch)
@@ -467,7 +467,7 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
                 sums /= trainer.world
             vals = (sums / count).tolist()  # the only host sync, every log_every steps
             if not all(math.isfinite(v) for v in vals):
-                _diverged(out_dir, ckpt, f"the mean loss of steps {s - count + 1}-{s} is {vals[0]}")
+                _diverged(out_dir, ckpt, saved_step, f"the mean loss of steps {s - count + 1}-{s} is {vals[0]}")
             now = time.perf_counter()
             rate = count * cfg.batch_size * trainer.world / max(now - t_log, 1e-9)
             last = {"step": s, "loss": vals[0], "kd": vals[1], "seg": vals[2], "samples_per_s": rate}
@@ -487,9 +487,10 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
             # a checkpoint is only ever replaced by a sound one (an update can overflow the
             # weights while its own loss is still finite); every rank checks, so all stop together
             if not weights_finite(trainer.model):
-                _diverged(out_dir, ckpt, f"the weights after step {s} are not finite")
+                _diverged(out_dir, ckpt, saved_step, f"the weights after step {s} are not finite")
             if rank == 0:
                 _atomic_save(trainer.state(), ckpt)
+            saved_step = s
     seconds = time.perf_counter() - t0
     if bar:
         bar.close()
