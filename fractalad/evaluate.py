@@ -21,7 +21,7 @@ from fractalsynth.images import ImageError, list_images, load_image, prepare_nor
 
 from .metrics import detection_metrics
 from .model import FractalAD
-from .train import HOLDOUT_FILE, RUN_SCHEMA, RUN_VERSION, pick_device
+from .train import HOLDOUT_FILE, RUN_SCHEMA, RUN_VERSION, pick_device, write_json
 
 
 class RunError(ValueError):
@@ -299,7 +299,7 @@ def calibrate_run(run_dir: str, normals: str | None = None, quantile: float = NO
              "source": f"quantile {quantile} of the image scores ({image_score} of the map) of {source}",
              "normal_scores": {"median": float(np.median(scores)), "max": float(scores.max()),
                                "n": len(scores)}}
-    _write_json(os.path.join(run_dir, THRESHOLDS_FILE), saved)
+    write_json(os.path.join(run_dir, THRESHOLDS_FILE), saved)
     return saved
 
 
@@ -358,11 +358,6 @@ def overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, title:
     band = np.full((18, row.shape[1], 3), 255, np.uint8)
     cv2.putText(band, title, (4, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
     return np.concatenate([band, row], axis=0)
-
-
-def _write_json(path: str, obj: dict) -> None:
-    with open(path, "w") as fh:
-        json.dump(obj, fh, indent=1)
 
 
 def _write_rgb(path, img):
@@ -488,8 +483,8 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
               "map": map_kind, "trained": thresholds["trained"], "map_norm": thresholds["map_norm"],
               "calibration": calibration,
               "held_out_operating_point": operating_point}
-    _write_json(os.path.join(out, "metrics.json"), report)
-    _write_json(os.path.join(run_dir, THRESHOLDS_FILE), thresholds)
+    write_json(os.path.join(out, "metrics.json"), report)
+    write_json(os.path.join(run_dir, THRESHOLDS_FILE), thresholds)
     imgs_hwc = images.transpose(0, 2, 3, 1)
     defect = np.flatnonzero(ts.labels == 1)
     good = np.flatnonzero(ts.labels == 0)

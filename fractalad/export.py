@@ -1,5 +1,9 @@
 """Export a trained run as ONNX or TorchScript: float input [B, C, S, S] in [0, 1], output the
-anomaly map [B, 1, S, S]: the head's sigmoid, or the combined map ``test --map combined`` scaled."""
+anomaly map [B, 1, S, S]: the head's sigmoid, or the combined map ``test --map combined`` scaled.
+
+Both formats take the run's own size S only. Tracing records S in the model (the backbone's
+TF-"same" padding, the flow head's sampling grids), so another size would run and give wrong
+maps: the TorchScript file checks the shape and raises, ONNX declares it fixed."""
 from __future__ import annotations
 
 import os
@@ -27,6 +31,25 @@ class AnomalyMapModel(torch.nn.Module):
         return 0.25 * ((self.model.map_pair(images) - self.lo) / self.span).sum(1, keepdim=True)
 
 
+class ShapeChecked(torch.nn.Module):
+    """A traced model that refuses any input but [B, channels, size, size] with one clear error."""
+
+    def __init__(self, traced, channels: int, size: int):
+        super().__init__()
+        self.traced = traced
+        self.channels = channels
+        self.size = size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        shape = images.shape
+        if len(shape) != 4 or shape[1] != self.channels or shape[2] != self.size \
+                or shape[3] != self.size:
+            raise ValueError("this model takes images [B, {}, {}, {}] in [0, 1], got {}; resize "
+                             "them to {} x {} first".format(self.channels, self.size, self.size,
+                                                            list(shape), self.size, self.size))
+        return self.traced(images)
+
+
 def export_run(run_dir: str, fmt: str, out: str, batch_size: int = 1, map_kind: str = "head",
                trained: bool = False) -> str:
     """Write ``out`` in ``fmt`` ('onnx' or 'torchscript'); returns the path.
@@ -43,10 +66,18 @@ def export_run(run_dir: str, fmt: str, out: str, batch_size: int = 1, map_kind: 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with torch.no_grad():
         if fmt == "torchscript":
-            torch.jit.trace(wrapper, example).save(out)
+            traced = torch.jit.trace(wrapper, example)
+            size = str(meta["size"]).encode()
+            torch.jit.script(ShapeChecked(traced, meta["channels"], meta["size"])).save(
+                out, _extra_files={"input_size": size})
         else:
             torch.onnx.export(wrapper, (example,), out, input_names=["images"],
                               output_names=["anomaly_map"], opset_version=17,
                               dynamic_axes={"images": {0: "batch"}, "anomaly_map": {0: "batch"}},
                               dynamo=False)
+            import onnx
+            exported = onnx.load(out)
+            onnx.helper.set_model_props(exported, {"input_size": str(meta["size"]),
+                                                   "map": map_kind})
+            onnx.save(exported, out)
     return out

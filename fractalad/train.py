@@ -359,6 +359,14 @@ def _atomic_save(obj, path):
     os.replace(tmp, path)
 
 
+def write_json(path: str, obj: dict) -> None:
+    """Write ``obj`` to ``path`` whole or not at all: no reader (a DDP rank) sees half of it."""
+    tmp = path + ".partial"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
 # a resume may change these: the schedule (steps, epochs, decay) as long as the steps already
 # taken keep their learning rates, so N steps and then M more equal N + M in one go; the rest
 # set how a run executes or reports (a run captured on a GPU may go on eager, or on the CPU)
@@ -435,8 +443,7 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
         raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it or "
                               "choose another --out")
     if rank == 0:
-        with open(os.path.join(out_dir, "config.json"), "w") as fh:
-            json.dump(meta, fh, indent=1)
+        write_json(os.path.join(out_dir, "config.json"), meta)
         _save_holdout(shards_dir, os.path.join(out_dir, HOLDOUT_FILE))
     total = cfg.total_steps()
     metrics_path = os.path.join(out_dir, "metrics.csv")

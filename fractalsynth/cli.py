@@ -169,7 +169,7 @@ def _load_textures(folder):
 
 
 class _LazyBar:
-    """A tqdm bar that appears with the first update or message, so an early error prints alone."""
+    """A tqdm bar that appears with the first update, so an early error or message prints alone."""
 
     def __init__(self, total, desc):
         self.total, self.desc, self.bar = total, desc, None
@@ -185,7 +185,8 @@ class _LazyBar:
         self._bar().update(k)
 
     def write(self, message):
-        self._bar().write(message)
+        from tqdm import tqdm
+        tqdm.write(message)  # above the bar if there is one; it does not create one
 
     def __enter__(self):
         return self

@@ -68,8 +68,8 @@ def read_normals(folder: str, cfg: AnomalyConfig, skip_bad: bool = False, progre
             raw.append(load_image(p))
             names.append(os.path.relpath(p, folder))
         except ImageError as e:
-            if not skip_bad:
-                raise
+            if not skip_bad:  # the hint only this reader can give
+                raise ImageError(f"{e} (--skip-bad leaves such files out)") from None
             skipped.append(str(e))
         if progress:
             progress(1)

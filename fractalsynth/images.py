@@ -39,7 +39,7 @@ def load_image(path: str) -> np.ndarray:
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if img is None:
         raise ImageError(f"{path}: cannot decode the image (corrupt or unsupported format); "
-                         "replace or remove it, or pass --skip-bad")
+                         "replace or remove it")
     if img.ndim == 3 and img.shape[2] == 3:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     elif img.ndim == 3 and img.shape[2] == 4:

@@ -13,6 +13,7 @@ from skimage.measure import label
 from fractalad.cli import main
 from fractalsynth.images import list_images
 from fractalad.metrics import aupro, auroc, detection_metrics, f1_max, pixel_metrics
+from compare import assert_apart, assert_close
 
 
 def _brute_auroc(s, y):
@@ -151,13 +152,22 @@ def _assert_exports_match(run, x, ref, tmp_path):
     ts = str(tmp_path / "m.pt")
     assert r.invoke(main, ["export", run, "--format", "torchscript", "--out", ts]).exit_code == 0
     with torch.no_grad():
-        np.testing.assert_allclose(torch.jit.load(ts)(x).numpy(), ref, atol=1e-5)
+        assert_close(torch.jit.load(ts)(x).numpy(), ref, atol=1e-5)
     onnx_path = str(tmp_path / "m.onnx")
     res = r.invoke(main, ["export", run, "--format", "onnx", "--out", onnx_path])
     assert res.exit_code == 0, res.output
     import onnxruntime as ort
     sess = ort.InferenceSession(onnx_path)
-    np.testing.assert_allclose(sess.run(None, {"images": x.numpy()})[0], ref, atol=1e-4)
+    assert_close(sess.run(None, {"images": x.numpy()})[0], ref, atol=1e-4)
+    size = x.shape[-1]
+    assert sess.get_modelmeta().custom_metadata_map["input_size"] == str(size)
+    # traced at the run's size: any other size is refused, not answered with a wrong map
+    bigger = torch.rand(1, x.shape[1], 2 * size, 2 * size)
+    with pytest.raises(Exception, match=rf"takes images \[B, {x.shape[1]}, {size}, {size}\].*"
+                                        rf"resize them to {size} x {size}"):
+        torch.jit.load(ts)(bigger)
+    with pytest.raises(Exception, match="images"):
+        sess.run(None, {"images": bigger.numpy()})
 
 
 def test_pixel_metrics_at_the_original_resolution(tiny_run, tmp_path):
@@ -190,8 +200,8 @@ def test_flip_averaged_maps_and_the_thresholds_that_remember_them(tiny_run, tmp_
     with torch.no_grad():
         plain, avg = model.anomaly_map(x), flip_averaged_map(model.anomaly_map, x)
         for dims in ((-1,), (-2,)):  # the averaged map follows a flip exactly; the plain one does not
-            assert not torch.allclose(model.anomaly_map(x.flip(dims)), plain.flip(dims), atol=1e-4)
-            assert torch.allclose(flip_averaged_map(model.anomaly_map, x.flip(dims)), avg.flip(dims), atol=1e-6)
+            assert_apart(model.anomaly_map(x.flip(dims)), plain.flip(dims), atol=1e-4, rtol=1e-5)
+            assert_close(flip_averaged_map(model.anomaly_map, x.flip(dims)), avg.flip(dims), rtol=1e-5, atol=1e-6)
     report = test_run(run, data, str(tmp_path / "t"), "cpu", 0, tta=True)
     assert report["tta"] is True
     assert json.load(open(os.path.join(run, "thresholds.json")))["tta"] is True
@@ -205,8 +215,8 @@ def test_flip_averaged_maps_and_the_thresholds_that_remember_them(tiny_run, tmp_
         # the saved thresholds hold for flip-averaged maps only, so plain maps need their own
         with open(predict(run, paths, out, tta=flag, threshold=None if flag is None else 0.5)) as fh:
             got = np.array([float(row.split(",")[1]) for row in fh.read().splitlines()[1:]])
-        np.testing.assert_allclose(got, expect, atol=1e-6)
-    assert not np.allclose(want[0], want[1], atol=1e-6)
+        assert_close(got, expect, atol=1e-6)
+    assert_apart(want[0], want[1], atol=1e-6, rtol=1e-5)
     with pytest.raises(RunError, match="thresholds are for --tta, not --no-tta"):
         predict(run, paths, str(tmp_path / "refused"), tta=False)
     assert not os.path.exists(tmp_path / "refused")
@@ -221,7 +231,7 @@ def test_smoothed_maps_and_the_thresholds_that_remember_them(tiny_run, tmp_path)
     assert smooth_maps(impulse, 0.0) is impulse
     assert abs(blurred.sum() - 1.0) < 1e-3 and blurred.argmax() == 16 * 33 + 16
     assert 0.03 < blurred.max() < 0.05  # 1 / (2 pi sigma^2) = 0.0398
-    np.testing.assert_allclose(blurred, blurred.T, atol=1e-7)
+    assert_close(blurred, blurred.T, atol=1e-7)
     run, data = str(tmp_path / "run"), str(tiny_run / "data")
     shutil.copytree(tiny_run / "run", run)
     report = test_run(run, data, str(tmp_path / "t"), "cpu", 0, smooth=1.5)
@@ -238,7 +248,7 @@ def test_smoothed_maps_and_the_thresholds_that_remember_them(tiny_run, tmp_path)
         assert res.exit_code == 0, res.output
         with open(tmp_path / f"p{flag}" / "scores.csv") as fh:
             got = np.array([float(row.split(",")[1]) for row in fh.read().splitlines()[1:]])
-        np.testing.assert_allclose(got, expect, atol=1e-6)
+        assert_close(got, expect, atol=1e-6)
     assert np.abs(want[0.0] - want[1.5]).min() > 1e-5  # the check above can tell them apart
     res = CliRunner().invoke(main, ["predict", run, *paths, "--out", str(tmp_path / "refused"),
                                     "--device", "cpu", "--smooth", "0"])
@@ -260,8 +270,8 @@ def test_combined_maps_scale_head_and_student_teacher_maps_on_normals(tiny_run, 
     norm = MapNorm.from_normals(pairs)
     assert norm.student[1] > 4 > 1 > norm.head[1] > norm.head[0]
     at = lambda q: np.array([norm.head[q], norm.student[q]])[None, :, None, None] * np.ones((1, 2, 3, 3))
-    np.testing.assert_allclose(norm.combine(at(0)), 0.0, atol=1e-6)  # both at their 0.9 quantile
-    np.testing.assert_allclose(norm.combine(at(1)), 0.5, atol=1e-6)  # both at their 0.995 quantile
+    assert_close(norm.combine(at(0)), 0.0, atol=1e-6)  # both at their 0.9 quantile
+    assert_close(norm.combine(at(1)), 0.5, atol=1e-6)  # both at their 0.995 quantile
 
     run, data = str(tmp_path / "run"), str(tiny_run / "data")
     shutil.copytree(tiny_run / "run", run)
@@ -287,7 +297,7 @@ def test_combined_maps_scale_head_and_student_teacher_maps_on_normals(tiny_run, 
         assert res.exit_code == 0, res.output
         with open(tmp_path / f"p{flag}" / "scores.csv") as fh:
             rows = [row.split(",") for row in fh.read().splitlines()[1:]]
-        np.testing.assert_allclose([float(row[1]) for row in rows], expect, atol=1e-5)
+        assert_close([float(row[1]) for row in rows], expect, atol=1e-5)
         thr = saved["image"] if flag is None else 0.5
         assert [int(row[3]) for row in rows] == [int(v >= thr) for v in np.array(expect, np.float32)]
     res = CliRunner().invoke(main, ["predict", run, *paths, "--out", str(tmp_path / "p_refused"),
@@ -300,7 +310,7 @@ def test_combined_maps_scale_head_and_student_teacher_maps_on_normals(tiny_run, 
     res = CliRunner().invoke(main, ["export", run, "--format", "torchscript", "--out", ts, "--map", "combined"])
     assert res.exit_code == 0, res.output
     with torch.no_grad():
-        np.testing.assert_allclose(torch.jit.load(ts)(x)[:, 0].numpy(), combined, rtol=1e-5, atol=1e-4)
+        assert_close(torch.jit.load(ts)(x)[:, 0].numpy(), combined, rtol=1e-5, atol=1e-4)
     os.remove(os.path.join(run, "thresholds.json"))
     for cmd in (["predict", run, *paths, "--out", str(tmp_path / "p")], ["export", run, "--format", "onnx",
                                                                          "--out", str(tmp_path / "m.onnx")]):
@@ -329,7 +339,8 @@ def test_bad_inputs_to_test_and_predict(tiny_run, tmp_path):
     (bad / "test" / "spot" / "junk.png").write_bytes(b"nope")
     res = r.invoke(main, ["predict", run, str(bad / "test" / "spot" / "junk.png"), "--out",
                           str(tmp_path / "p"), "--device", "cpu"])
-    assert res.exit_code == 2 and "junk.png" in res.output
+    assert res.exit_code == 2 and "junk.png" in res.output and "replace or remove it" in res.output
+    assert "--skip-bad" not in res.output  # generate's option; predict has none
     res = r.invoke(main, ["predict", run, str(tmp_path / "none.png"), "--out", str(tmp_path / "p")])
     assert res.exit_code == 2 and "no such file" in res.output
     old = tmp_path / "oldrun"
@@ -513,7 +524,7 @@ def test_exports_keep_the_input_blur(tiny_run, tmp_path):
     with torch.no_grad():
         ref = model.anomaly_map(x).numpy()
         # the tiny run's head map is nearly flat; its student-teacher map shows the blur
-        assert not torch.allclose(plain.map_pair(x)[:, 1], model.map_pair(x)[:, 1], atol=1e-3)
+        assert_apart(plain.map_pair(x)[:, 1], model.map_pair(x)[:, 1], atol=1e-3, rtol=1e-5)
     _assert_exports_match(run, x, ref, tmp_path)
 
 
@@ -541,7 +552,7 @@ def test_an_ema_run_tests_predicts_and_exports_either_weights(tiny_run, tmp_path
     paths = [p for p in read_test_set(data).paths if "spot" in p]
     imgs = preprocess(paths, meta["size"], meta["channels"])
     want = {t: anomaly_maps(m, imgs)[0].reshape(len(paths), -1).max(1) for t, m in ((1, plain), (0, average))}
-    assert np.isfinite(want[0]).all() and not np.allclose(want[0], want[1], atol=1e-4)
+    assert_apart(want[0], want[1], atol=1e-4, rtol=1e-5)
     r = CliRunner()
     res = r.invoke(main, ["test", run, "--data", data, "--device", "cpu", "--overlays", "0", "--trained"])
     assert res.exit_code == 0, res.output
@@ -552,7 +563,7 @@ def test_an_ema_run_tests_predicts_and_exports_either_weights(tiny_run, tmp_path
         out = str(tmp_path / f"pred_{flag}")
         with open(predict(run, paths, out, trained=flag, threshold=None if flag is None else 0.5)) as fh:
             got = np.array([float(row.split(",")[1]) for row in fh.read().splitlines()[1:]])
-        np.testing.assert_allclose(got, expect, atol=1e-6)
+        assert_close(got, expect, atol=1e-6)
     with pytest.raises(RunError, match="thresholds are for --trained, not --no-trained"):
         predict(run, paths, str(tmp_path / "refused"), trained=False)
     x = torch.rand(2, meta["channels"], meta["size"], meta["size"])
@@ -561,7 +572,7 @@ def test_an_ema_run_tests_predicts_and_exports_either_weights(tiny_run, tmp_path
     ts = str(tmp_path / "m.pt")
     assert r.invoke(main, ["export", run, "--format", "torchscript", "--out", ts, "--trained"]).exit_code == 0
     with torch.no_grad():
-        np.testing.assert_allclose(torch.jit.load(ts)(x).numpy(), ref, atol=1e-5)
+        assert_close(torch.jit.load(ts)(x).numpy(), ref, atol=1e-5)
     del state["trained"]  # a model.pt from before both were kept
     torch.save(state, os.path.join(run, "model.pt"))
     res = r.invoke(main, ["test", run, "--data", data, "--device", "cpu", "--trained"])

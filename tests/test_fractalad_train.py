@@ -9,6 +9,7 @@ import torch
 from fractalsynth.anomaly import AnomalyConfig
 from fractalsynth.generate import generate
 from fractalad.train import FitConfig, Trainer, fit, run_metadata
+from compare import assert_close
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,8 @@ def test_random_zoom_crops_inside_the_image_and_keeps_the_mask_binary():
     cols = torch.arange(size, dtype=torch.float32).expand(8, 1, size, size)  # x = column
     mask = (torch.rand(8, 1, size, size, generator=torch.Generator().manual_seed(1)) > 0.7).float()
     same = random_zoom((cols, mask), 1.0, g)  # zoom 1: the identity
-    assert torch.allclose(same[0], cols, atol=1e-4) and torch.equal(same[1], mask)
+    assert_close(same[0], cols, rtol=1e-5, atol=1e-4)
+    assert torch.equal(same[1], mask)
     ramp, zoomed_mask = random_zoom((cols, mask), 2.0, g)
     steps = ramp[..., 1:] - ramp[..., :-1]  # one output pixel = 1/zoom input pixels
     per_sample = steps.mean(dim=(1, 2, 3))
@@ -237,7 +239,7 @@ def test_cuda_graph_training_matches_eager(tiny_shards):
         losses = [float(tr.step(b)[0]) for b in tr.batches_from(0, 8, 0)]
         runs.append((losses, start, tr.model.trainable_state(), tr.average.state))
     (l0, s0, w0, a0), (l1, s1, w1, a1) = runs
-    np.testing.assert_allclose(l0, l1, rtol=1e-3, atol=1e-5)  # steps 5-8 are graph replays
+    assert_close(l0, l1, rtol=1e-3, atol=1e-5)  # steps 5-8 are graph replays
     # Adam divides by the gradient's own size, so a near-zero gradient's rounding (the graph's
     # capturable optimizer keeps its step count on the GPU) can move single weights by ~lr;
     # the updates as a whole must agree
@@ -332,7 +334,7 @@ def test_resume_extends_a_finished_run_like_a_longer_one(tiny_shards, tmp_path):
 def test_learning_rate_decay_schedule_and_resume(tiny_shards, tmp_path):
     cfg = _cfg(steps=10, decay_steps=4, lr=1e-3)
     rates = [cfg.learning_rate(s) for s in range(10)]
-    np.testing.assert_allclose(rates, [1e-3] * 6 + [8e-4, 6e-4, 4e-4, 2e-4])
+    assert_close(rates, [1e-3] * 6 + [8e-4, 6e-4, 4e-4, 2e-4])
     assert _cfg(steps=10).learning_rate(9) == 1e-3
     with pytest.raises(ValueError, match="--decay-steps"):
         _cfg(steps=10, decay_steps=4, compile=True)
@@ -423,8 +425,8 @@ def test_ddp_gloo_gradients_agree(tiny_shards, tmp_path):
     results.sort(key=lambda r: r[0])
     (_, g0, mean0, rank0, world0), (_, g1, mean1, _, _) = results
     assert world0 == 2
-    np.testing.assert_allclose(g0, g1, rtol=1e-5, atol=1e-7)  # every rank holds the same gradient
-    np.testing.assert_allclose(g0, mean0, rtol=1e-4, atol=1e-6)  # = mean of the ranks' own gradients
+    assert_close(g0, g1, rtol=1e-5, atol=1e-7)  # every rank holds the same gradient
+    assert_close(g0, mean0, rtol=1e-4, atol=1e-6)  # = mean of the ranks' own gradients
     assert np.abs(g0).sum() > 0
 
 
@@ -464,6 +466,74 @@ def test_ddp_fit_ranks_stop_together_on_one_ranks_nan(tiny_shards, tmp_path):
     for rank in (0, 1):
         assert "mean loss of steps 3-4 is nan" in results[rank], results[rank]
     assert not os.path.exists(os.path.join(out, "model.pt"))
+
+
+def _free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_full_fit_worker(rank, world, port, shards, out, steps, resume, q):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    trainers = []
+    init = Trainer.__init__
+
+    def keep(self, *args, **kw):  # to read this rank's weights after fit returns
+        init(self, *args, **kw)
+        trainers.append(self)
+
+    Trainer.__init__ = keep
+    summary = fit(shards, out, _cfg(steps=steps, log_every=2, lr=2e-3), resume=resume, progress=False)
+    state = trainers[0].model.trainable_state()
+    q.put((rank, summary["steps"], {k: v.numpy() for k, v in state.items()}))
+
+
+def _ddp_fit(shards, out, steps, resume=False):
+    """Run ``fit`` on two gloo ranks; returns each rank's (steps, trainable weights)."""
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_ddp_full_fit_worker, args=(r, 2, port, shards, out, steps, resume, q))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((rank, rest) for rank, *rest in (q.get(timeout=240) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
+
+
+def test_ddp_fit_runs_to_a_model_and_resumes_exactly(tiny_shards, tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    ranks = _ddp_fit(tiny_shards, straight, 6)
+    (steps0, w0), (steps1, w1) = ranks[0], ranks[1]
+    assert steps0 == steps1 == 6
+    # DDP keeps the weights equal; batch-norm statistics are rank 0's, broadcast before each
+    # forward, so after the last one each rank holds its own (model.pt keeps rank 0's)
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    weights = [k for k in w0 if not k.endswith(stats)]
+    assert len(weights) > 20 and all(np.array_equal(w0[k], w1[k]) for k in weights)
+    saved = torch.load(os.path.join(straight, "model.pt"), weights_only=False)
+    assert all(np.array_equal(saved["model"][k].numpy(), w0[k]) for k in w0)
+    with open(os.path.join(straight, "metrics.csv")) as fh:
+        assert [row.split(",")[0] for row in fh.read().split()[1:]] == ["2", "4", "6"]
+    # three steps, then three more on resume: each rank takes up its own batches where it stopped
+    _ddp_fit(tiny_shards, resumed, 3)
+    again = _ddp_fit(tiny_shards, resumed, 6, resume=True)
+    assert again[0][0] == 6
+    final = torch.load(os.path.join(resumed, "model.pt"), weights_only=False)["model"]
+    assert all(torch.equal(final[k], saved["model"][k]) for k in saved["model"])
+    from fractalad.evaluate import load_run
+    model, meta = load_run(straight, "cpu")
+    with torch.no_grad():
+        maps = model.anomaly_map(torch.rand(2, meta["channels"], meta["size"], meta["size"]))
+    assert torch.isfinite(maps).all()
 
 
 def test_weight_average_follows_the_trained_weights(tiny_shards):
