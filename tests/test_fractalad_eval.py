@@ -14,6 +14,7 @@ from fractalad.cli import main
 from fractalsynth.images import list_images
 from fractalad.metrics import aupro, auroc, detection_metrics, f1_max, pixel_metrics
 from compare import assert_apart, assert_close
+from tiny_data import make_mvtec
 
 
 def _brute_auroc(s, y):
@@ -89,22 +90,6 @@ def test_metrics_match_brute_force(seed):
     assert auroc([1, 2], [1, 1]) != auroc([1, 2], [1, 1])  # nan with one class
 
 
-def _make_mvtec(root, n=3, size=48):
-    rng = np.random.default_rng(0)
-    for t in ("good", "spot"):
-        os.makedirs(root / "test" / t, exist_ok=True)
-    os.makedirs(root / "ground_truth" / "spot", exist_ok=True)
-    os.makedirs(root / "train" / "good", exist_ok=True)
-    for i in range(n):
-        base = cv2.GaussianBlur(rng.integers(80, 180, (size, size)).astype(np.uint8), (0, 0), 1)
-        cv2.imwrite(str(root / "train" / "good" / f"{i}.png"), base)
-        cv2.imwrite(str(root / "test" / "good" / f"{i}.png"), base)
-        m = np.zeros((size, size), np.uint8)
-        cv2.circle(m, (20, 20), 5, 255, -1)
-        cv2.imwrite(str(root / "test" / "spot" / f"{i}.png"), np.where(m > 0, 250, base).astype(np.uint8))
-        cv2.imwrite(str(root / "ground_truth" / "spot" / f"{i}_mask.png"), m)
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from fractalsynth.anomaly import AnomalyConfig
@@ -112,7 +97,7 @@ def tiny_run(tmp_path_factory):
     from fractalad.train import FitConfig, fit
     root = tmp_path_factory.mktemp("ev")
     data = root / "data"
-    _make_mvtec(data)
+    make_mvtec(data)
     generate(str(data / "train" / "good"), str(root / "shards"), 16, AnomalyConfig(size=32), shard_size=16)
     # enough steps that the maps differ between images (after 2 they were equal to ~1e-6, so
     # every check at a threshold was a near tie) and the spots score above the good tiles
