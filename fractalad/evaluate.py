@@ -114,14 +114,25 @@ def read_test_set(root: str) -> TestSet:
     return TestSet(paths, tlist, labels, masks)
 
 
-def preprocess(paths, size: int, channels: int, sizes: list | None = None) -> np.ndarray:
-    """uint8 [N, C, S, S] images prepared like the training normals (original sizes to ``sizes``)."""
+def preprocess(paths, size: int, channels: int, sizes: list | None = None,
+               skipped: list | None = None) -> np.ndarray:
+    """uint8 [N, C, S, S] images prepared like the training normals (original sizes to ``sizes``;
+    with a ``skipped`` list, unreadable images are left out and their errors appended to it)."""
     out = []
     for p in paths:
-        img = load_image(p)
+        try:
+            img = load_image(p)
+            out.append(prepare_normal(img, size, channels))
+        except ImageError as e:
+            error = e if e.path else ImageError(f"{p}: {e}", p)
+            if skipped is None:
+                raise error from None
+            skipped.append(error)
+            continue
         if sizes is not None:
             sizes.append(img.shape[:2])
-        out.append(prepare_normal(img, size, channels))
+    if not out:
+        return np.zeros((0, channels, size, size), np.uint8)
     return np.stack(out).transpose(0, 3, 1, 2)
 
 
@@ -561,7 +572,8 @@ def _setting(option: str, value) -> str:
 def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
             device: str = "auto", batch_size: int = 32, tta: bool | None = None,
             smooth: float | None = None, map_kind: str | None = None,
-            image_score: str | None = None, trained: bool | None = None) -> str:
+            image_score: str | None = None, trained: bool | None = None,
+            skip_bad: bool = False, log=print) -> str:
     """Heatmaps, binary masks and a scores.csv for images or folders; returns the CSV path.
 
     Thresholds: ``threshold`` for both decisions, else those ``test`` (F1Max) or ``calibrate``
@@ -571,7 +583,8 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
     average) default to what was used for the saved thresholds, since they only hold for such
     maps; 'combined' needs saved scales, and saved thresholds are refused for other settings.
     Outputs keep each image's path below the deepest folder holding all inputs, so equal file
-    names in different folders do not collide.
+    names in different folders do not collide. An unreadable image stops the run (the rows
+    before it are kept), or with ``skip_bad`` is left out and named through ``log``.
     """
     if map_kind is not None and map_kind not in MAP_KINDS:
         raise ValueError(f"map_kind must be one of {MAP_KINDS}, got {map_kind!r}")
@@ -616,9 +629,17 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
         w.writerow(["path", "score_max", "score_mean", "anomalous", "image_threshold",
                     "pixel_threshold", "image_score"])
         for s in range(0, len(named), batch_size):
-            chunk = named[s:s + batch_size]
-            sizes = []
-            imgs = preprocess([p for p, _ in chunk], size, ch, sizes)
+            chunk, sizes, bad = named[s:s + batch_size], [], []
+            try:
+                imgs = preprocess([p for p, _ in chunk], size, ch, sizes, bad if skip_bad else None)
+            except ImageError as e:
+                raise ImageError(f"{e} (--skip-bad leaves such files out)") from None
+            for e in bad:
+                log(f"skipped: {e}")
+            left_out = {e.path for e in bad}
+            chunk = [(p, name) for p, name in chunk if p not in left_out]
+            if not chunk:
+                continue
             maps = smooth_maps(anomaly_maps(model, imgs, batch_size, tta, norm)[0], smooth)
             decided = image_scores(maps, image_score)
             for (p, name), img, m, score, (h0, w0) in zip(chunk, imgs.transpose(0, 2, 3, 1), maps,

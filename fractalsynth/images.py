@@ -13,6 +13,10 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", "
 class ImageError(ValueError):
     """An image that cannot be used; the message names the file and the fix."""
 
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path  # the unusable file, where the error is about one
+
 
 def list_images(folder: str, recursive: bool = True) -> list[str]:
     """Image files under ``folder`` (sorted, recursive); an error if there are none."""
@@ -34,18 +38,18 @@ def list_images(folder: str, recursive: bool = True) -> list[str]:
 def load_image(path: str) -> np.ndarray:
     """Decode ``path`` to HxW (grey) or HxWx3/4 (RGB/RGBA), uint8 or uint16, in RGB order."""
     if not os.path.isfile(path):
-        raise ImageError(f"{path}: no such file")
+        raise ImageError(f"{path}: no such file", path)
     data = np.fromfile(path, dtype=np.uint8)
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if img is None:
         raise ImageError(f"{path}: cannot decode the image (corrupt or unsupported format); "
-                         "replace or remove it")
+                         "replace or remove it", path)
     if img.ndim == 3 and img.shape[2] == 3:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     elif img.ndim == 3 and img.shape[2] == 4:
         img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)
     if min(img.shape[:2]) < 1:
-        raise ImageError(f"{path}: empty image")
+        raise ImageError(f"{path}: empty image", path)
     return img
 
 

@@ -325,7 +325,24 @@ def test_bad_inputs_to_test_and_predict(tiny_run, tmp_path):
     res = r.invoke(main, ["predict", run, str(bad / "test" / "spot" / "junk.png"), "--out",
                           str(tmp_path / "p"), "--device", "cpu"])
     assert res.exit_code == 2 and "junk.png" in res.output and "replace or remove it" in res.output
-    assert "--skip-bad" not in res.output  # generate's option; predict has none
+    assert "--skip-bad" in res.output
+    # --skip-bad: the readable images are predicted, the unreadable one is named and left out
+    res = r.invoke(main, ["predict", run, str(bad / "test" / "spot"), "--out", str(tmp_path / "p2"),
+                          "--device", "cpu", "--skip-bad"])
+    assert res.exit_code == 0, res.output
+    assert "skipped: " in res.output and "junk.png" in res.output and "1 unreadable image left out" in res.output
+    rows = (tmp_path / "p2" / "scores.csv").read_text().strip().splitlines()[1:]
+    assert sorted(os.path.basename(row.split(",")[0]) for row in rows) == ["0.png", "1.png", "2.png"]
+    assert sorted(os.listdir(tmp_path / "p2" / "mask")) == ["0.png", "1.png", "2.png"]
+    from fractalad.evaluate import predict
+    notes = []  # one image a batch: a batch of the unreadable image alone
+    csv_path = predict(run, [str(bad / "test" / "spot")], str(tmp_path / "p3"), device="cpu",
+                       batch_size=1, skip_bad=True, log=notes.append)
+    assert len(notes) == 1 and "junk.png" in notes[0]
+    one_by_one = [row.split(",") for row in open(csv_path).read().splitlines()[1:]]
+    together = [row.split(",") for row in rows]
+    assert [r[0] for r in one_by_one] == [r[0] for r in together]
+    assert_close([float(r[1]) for r in one_by_one], [float(r[1]) for r in together], atol=1e-5)
     res = r.invoke(main, ["predict", run, str(tmp_path / "none.png"), "--out", str(tmp_path / "p")])
     assert res.exit_code == 2 and "no such file" in res.output
     old = tmp_path / "oldrun"
