@@ -283,6 +283,10 @@ def test_fit_writes_a_run_and_refuses_to_clobber(tiny_shards, tmp_path):
     with pytest.raises(ValueError, match="another shard dataset"):
         fit(os.path.join(other, "shards"), run, _cfg(steps=3, checkpoint_every=2), resume=True,
             progress=False)
+    with open(ckpt, "r+b") as fh:  # damaged after fit wrote it
+        fh.truncate(os.path.getsize(ckpt) // 2)
+    with pytest.raises(ValueError, match=r"checkpoint.pt: unreadable .*restore it from a copy"):
+        fit(tiny_shards, run, _cfg(steps=3), resume=True, progress=False)
 
 
 def test_a_diverging_run_stops_and_keeps_its_last_sound_checkpoint(tiny_shards, tmp_path, monkeypatch):
