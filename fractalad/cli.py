@@ -32,12 +32,12 @@ def main():
 @click.option("--backbone", type=click.Choice(BACKBONES), default="efficientnet_lite0", show_default=True)
 @click.option("--weights", type=click.Path(), default=None,
               help="ImageNet checkpoint for the teacher (default: Lite0 ships; ResNets download).")
-@click.option("--epochs", type=float, default=100.0, show_default=True,
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=100.0, show_default=True,
               help="Paper epochs of 391 samples.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (overrides --epochs).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--weight-decay", type=float, default=1e-3, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-3, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,

@@ -68,6 +68,16 @@ class FitConfig:
     log_every: int = 25
 
     def __post_init__(self):
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"epochs must be a positive number, got {self.epochs}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1 or self.log_every < 1 or self.checkpoint_every < 1:
+            raise ValueError("batch_size, log_every and checkpoint_every must be >= 1")
         if not 0.0 <= self.clean_share < 1.0:
             raise ValueError(f"clean_share must be in [0, 1), got {self.clean_share}")
         if not 0.0 <= self.input_blur <= 8.0:
@@ -76,6 +86,10 @@ class FitConfig:
             raise ValueError(f"zoom must be in [1, 4], got {self.zoom}")
         if self.decay_steps < 0:
             raise ValueError(f"decay_steps must be >= 0, got {self.decay_steps}")
+        if self.decay_steps > self.total_steps():
+            raise ValueError(f"decay_steps ({self.decay_steps}) is longer than the run's "
+                             f"{self.total_steps()} steps; lower --decay-steps or raise --steps "
+                             "/ --epochs")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1) (0: off; e.g. 0.998), got {self.ema}")
         if self.decay_steps and self.compile:

@@ -89,6 +89,8 @@ class AnomalyConfig:
             lo, hi = getattr(self, name)
             if lo > hi or lo < 0:
                 raise ValueError(f"{name} must be a range lo <= hi with lo >= 0, got {(lo, hi)}")
+        if self.opacity[1] > 1:
+            raise ValueError(f"opacity must be a range within [0, 1], got {self.opacity}")
         if self.region[1] > 1 or self.region[0] >= self.region[1]:
             raise ValueError(f"region must satisfy 0 <= lo < hi <= 1, got {self.region}")
         if not 0 <= self.thin <= 1:

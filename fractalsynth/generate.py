@@ -59,6 +59,21 @@ def holdout_indices(count: int, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 5]).permutation(count)[:k])
 
 
+def _check_memory(folder: str, count: int, size: int, channels: int) -> None:
+    """Refuse normals that would not fit in memory, before resizing them (a crash otherwise)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): nothing to compare
+        return
+    # the resized normals are held for the whole run (and copied into each worker where
+    # processes cannot fork)
+    need = count * size * size * channels
+    if need > total // 2:
+        raise ImageError(f"{folder}: {count} normals at {size} px take {need / 2**30:.1f} GiB, "
+                         f"more than half of this machine's {total / 2**30:.0f} GiB; lower "
+                         "--size or use fewer images")
+
+
 def read_normals(folder: str, cfg: AnomalyConfig, skip_bad: bool = False, progress=None) -> Normals:
     """Load, convert and resize every image under ``folder`` (recursively)."""
     paths = list_images(folder)
@@ -79,6 +94,7 @@ def read_normals(folder: str, cfg: AnomalyConfig, skip_bad: bool = False, progre
         ch = 3 if any(channels_of(r) == 3 for r in raw) else 1
     else:
         ch = 1 if cfg.channels == "grey" else 3
+    _check_memory(folder, len(raw), cfg.size, ch)
     images = np.stack([prepare_normal(r, cfg.size, ch) for r in raw])
     means = np.array([mean_luma(im) for im in images], dtype=np.float32)
     sources = [to_channels(r, ch) for r in raw] if cfg.resolution == "source" else None

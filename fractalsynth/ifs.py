@@ -516,9 +516,15 @@ def fractal_keys(seed: int, indices) -> np.ndarray:
     return np.array([stream_key(seed, int(i), domain=1) for i in idx], dtype=np.uint64)
 
 
+MAX_SIDE = 16384  # a mask this size is 256 MiB; far beyond, one mask fills a machine's memory
+
+
 def check_size(height: int, width: int) -> None:
+    """Refuse sizes masks cannot be made at: below 8 or above MAX_SIDE pixels a side."""
     if int(height) < 8 or int(width) < 8:
         raise ValueError(f"size must be at least 8x8 pixels, got {height}x{width}")
+    if max(int(height), int(width)) > MAX_SIDE:
+        raise ValueError(f"size must be at most {MAX_SIDE} pixels a side, got {height}x{width}")
 
 
 def make_masks(seed: int, indices, height: int, width: int | None = None,

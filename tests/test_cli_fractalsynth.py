@@ -70,6 +70,8 @@ def test_runs_as_a_module():
     (["--mask-source", "fractal=0,perlin=0"], "'--mask-source': mask source proportions must not"),
     (["--content", "same=lots"], "'--content': bad content proportion 'same=lots'"),
     (["--content", "glitter"], "'--content': unknown content 'glitter'"),
+    (["--opacity", "0.5-2"], "opacity must be a range within [0, 1], got (0.5, 2.0)"),
+    (["--size", "20000"], "size must be at most 16384 pixels a side"),
 ])
 def test_bad_mixes_name_their_flag_before_any_work(tmp_path, args, needle):
     # the normals folder does not exist: the option must be refused before it is read

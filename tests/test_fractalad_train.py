@@ -85,6 +85,26 @@ def test_clean_share_swaps_whole_samples_reproducibly(tiny_shards):
         FitConfig(clean_share=1.0)
 
 
+@pytest.mark.parametrize("settings,needle", [
+    (dict(lr=0.0), "lr must be a positive number"),
+    (dict(lr=float("nan")), "lr must be a positive number"),
+    (dict(weight_decay=-1e-3), "weight_decay must be"),
+    (dict(epochs=0.0), "epochs must be a positive number"),
+    (dict(epochs=float("inf")), "epochs must be a positive number"),
+    (dict(steps=0), "steps must be >= 1"),
+    (dict(batch_size=0), "batch_size, log_every and checkpoint_every"),
+    (dict(steps=20, decay_steps=21), r"decay_steps \(21\) is longer than the run's 20 steps"),
+])
+def test_fit_settings_that_cannot_train_are_refused(settings, needle):
+    with pytest.raises(ValueError, match=needle):
+        FitConfig(**settings)
+
+
+def test_fit_settings_at_their_limits_are_taken():
+    assert FitConfig(steps=20, decay_steps=20).learning_rate(0) == pytest.approx(1e-3 * 20 / 21)
+    assert FitConfig(weight_decay=0.0, epochs=0.01).total_steps() == 1
+
+
 def test_flips_move_each_sample_whole_and_follow_the_step(tiny_shards):
     tr = Trainer(tiny_shards, _cfg(steps=4, batch_size=16, flips=True, kd=False))
     batch = tr.batches[0]

@@ -112,6 +112,8 @@ def test_bad_config_rejected(bad):
 def test_bad_sizes_and_modes():
     with pytest.raises(ValueError, match="at least 8x8"):
         ifs.make_masks(0, [0], 4)
+    with pytest.raises(ValueError, match="at most 16384 pixels a side, got 64x100000"):
+        ifs.make_masks(0, [0], 64, 100000)  # refused before anything is allocated
     with pytest.raises(ValueError, match="mode"):
         ifs.render(ifs.sample_ifs(0, 0), 1, 32, mode="plasma")
 

@@ -143,6 +143,17 @@ def test_bad_inputs(tmp_path, normals_dir):
     assert res.exit_code == 2 and "no such dataset" in res.output
 
 
+def test_normals_that_would_not_fit_in_memory_are_refused(normals_dir, tmp_path, monkeypatch):
+    from fractalsynth.images import ImageError
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 16}  # a 64 KiB machine: 6 normals at 64 px need 72 KiB
+    monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
+    with pytest.raises(ImageError, match=r"6 normals at 64 px take .* lower --size"):
+        generate(normals_dir, str(tmp_path / "o"), 4, AnomalyConfig(size=64, channels="rgb"))
+    assert not os.path.exists(tmp_path / "o" / "normals.h5")
+    pages["SC_PHYS_PAGES"] = 64  # 256 KiB: they fit in half of it
+    generate(normals_dir, str(tmp_path / "o"), 4, AnomalyConfig(size=64, channels="rgb"))
+
+
 def test_cli_info_preview_export(normals_dir, tmp_path):
     out = str(tmp_path / "ds")
     r = CliRunner()
