@@ -390,13 +390,18 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _ground_truth(mask_path, shape) -> np.ndarray:
-    """The binary mask of one test image at ``shape`` (zeros without a mask file)."""
+def _ground_truth(mask_path, shape, image_shape=None) -> np.ndarray:
+    """The binary mask of one test image at ``shape`` (zeros without a mask file); with
+    ``image_shape`` (its image's height and width) a mask of another size is refused."""
     if mask_path is None:
         return np.zeros(shape, np.uint8)
     m = cv2.imread(mask_path, cv2.IMREAD_GRAYSCALE)
     if m is None:
         raise ImageError(f"{mask_path}: unreadable mask; replace it")
+    if image_shape is not None and m.shape != tuple(image_shape):
+        # MVTec's masks are their images' size; another size is most likely another image's mask
+        raise ImageError(f"{mask_path}: the mask is {m.shape[0]}x{m.shape[1]} but its image is "
+                         f"{image_shape[0]}x{image_shape[1]}; a mask must be the size of its image")
     m = (m > 127).astype(np.uint8)
     if m.shape != tuple(shape):
         m = cv2.resize(m, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
@@ -457,10 +462,11 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
     maps = smooth_maps(maps, smooth)
     smax, smean = image_scores(maps, "max"), image_scores(maps, "mean")
     if pixel_resolution == "model":
-        px_maps, gts = list(maps), [_ground_truth(mp, (size, size)) for mp in ts.mask_paths]
+        px_maps = list(maps)
+        gts = [_ground_truth(mp, (size, size), hw) for mp, hw in zip(ts.mask_paths, sizes)]
     else:
         px_maps = [cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) for m, (h, w) in zip(maps, sizes)]
-        gts = [_ground_truth(mp, hw) for mp, hw in zip(ts.mask_paths, sizes)]
+        gts = [_ground_truth(mp, hw, hw) for mp, hw in zip(ts.mask_paths, sizes)]
     has_px = np.array([m is not None or lab == 0 for m, lab in zip(ts.mask_paths, ts.labels)])
     types = np.array(ts.types)
     results = {}

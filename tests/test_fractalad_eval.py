@@ -321,6 +321,9 @@ def test_bad_inputs_to_test_and_predict(tiny_run, tmp_path):
     os.remove(bad / "ground_truth" / "spot" / "0_mask.png")
     res = r.invoke(main, ["test", run, "--data", str(bad), "--device", "cpu"])
     assert res.exit_code == 2 and "0_mask.png" in res.output and "missing mask" in res.output
+    cv2.imwrite(str(bad / "ground_truth" / "spot" / "0_mask.png"), np.zeros((8, 8), np.uint8))
+    res = r.invoke(main, ["test", run, "--data", str(bad), "--device", "cpu"])
+    assert res.exit_code == 2 and "0_mask.png: the mask is 8x8 but its image is 48x48" in res.output
     (bad / "test" / "spot" / "junk.png").write_bytes(b"nope")
     res = r.invoke(main, ["predict", run, str(bad / "test" / "spot" / "junk.png"), "--out",
                           str(tmp_path / "p"), "--device", "cpu"])
