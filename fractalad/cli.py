@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 import click
@@ -16,6 +17,24 @@ from .model import PRESETS
 MAP_CHOICE = click.Choice(MAP_KINDS)
 SCORE_CHOICE = click.Choice(IMAGE_SCORES)
 _fail_cleanly = fail_cleanly(RuntimeError)
+
+
+class FiniteFloat(click.ParamType):
+    """A float that is neither NaN nor infinite (a NaN threshold would flag nothing)."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+FINITE = FiniteFloat()
 TRAINED_OPTION = click.option("--trained", is_flag=True,
                               help="An --ema run: use the trained weights, not their moving average.")
 
@@ -185,7 +204,7 @@ def calibrate(run_dir, normals, quantile, device, tta, smooth, map_kind, image_s
 @click.argument("run_dir", type=click.Path())
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--out", type=click.Path(file_okay=False), required=True)
-@click.option("--threshold", type=float, default=None,
+@click.option("--threshold", type=FINITE, default=None,
               help="Decision threshold (default: the thresholds 'test' or 'calibrate' saved).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--tta/--no-tta", default=None,

@@ -594,6 +594,8 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
     """
     if map_kind is not None and map_kind not in MAP_KINDS:
         raise ValueError(f"map_kind must be one of {MAP_KINDS}, got {map_kind!r}")
+    if threshold is not None and not np.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold}")
     saved = _saved_thresholds(run_dir)
     # what the saved thresholds were set on (older thresholds.json: max, average weights)
     was = {"--map": saved.get("map", "head"), "--image-score": saved.get("image_score", "max"),

@@ -63,7 +63,15 @@ def export_run(run_dir: str, fmt: str, out: str, batch_size: int = 1, map_kind: 
     norm = saved_map_norm(run_dir) if map_kind == "combined" else None
     wrapper = AnomalyMapModel(model, norm).eval()
     example = torch.rand(batch_size, meta["channels"], meta["size"], meta["size"])
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if os.path.isdir(out):
+        raise ValueError(f"{out}: is a folder; --out takes a file name such as model.{fmt[:4]}")
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"{out}: cannot make its folder ({e.strerror}); choose another --out") from None
+    if not os.access(out if os.path.exists(out) else folder, os.W_OK):
+        raise OSError(f"{out}: not writable; choose another --out")
     with torch.no_grad():
         if fmt == "torchscript":
             traced = torch.jit.trace(wrapper, example)

@@ -348,6 +348,12 @@ def test_bad_inputs_to_test_and_predict(tiny_run, tmp_path):
     assert_close([float(r[1]) for r in one_by_one], [float(r[1]) for r in together], atol=1e-5)
     res = r.invoke(main, ["predict", run, str(tmp_path / "none.png"), "--out", str(tmp_path / "p")])
     assert res.exit_code == 2 and "no such file" in res.output
+    res = r.invoke(main, ["predict", run, str(data / "test" / "spot"), "--out", str(tmp_path / "p4"),
+                          "--threshold", "nan"])
+    assert res.exit_code == 2 and "'nan' is not a finite number" in res.output
+    assert not os.path.exists(tmp_path / "p4")
+    res = r.invoke(main, ["export", run, "--format", "onnx", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "is a folder; --out takes a file name" in res.output
     old = tmp_path / "oldrun"
     old.mkdir()
     state = torch.load(os.path.join(run, "model.pt"), weights_only=False)
