@@ -433,13 +433,14 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
             raise FileNotFoundError(f"{ckpt}: nothing to resume; drop --resume to start afresh")
         try:
             state = torch.load(ckpt, map_location=device, weights_only=False)
-            before = _saved_config(state["config"])
+            saved_config = dict(state["config"])
         except Exception as e:  # a file cut short or damaged outside fit (fit replaces it whole)
             raise ValueError(f"{ckpt}: unreadable ({type(e).__name__}); restore it from a copy, "
                              "or drop --resume and choose another --out") from None
+        before = _saved_config(saved_config)
         old, new = asdict(before), asdict(cfg)
         changed = sorted({k for k in new if k not in RESUME_MAY_CHANGE and old[k] != new[k]}
-                         | (set(state["config"]) - set(new)))  # a newer version's settings too
+                         | (set(saved_config) - set(new)))  # a newer version's settings too
         if changed:
             raise ValueError(f"{ckpt} was made with other settings ({', '.join(changed)}); "
                              "resume with the same options")
