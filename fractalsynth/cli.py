@@ -302,7 +302,9 @@ def index(dataset):
 @_fail_cleanly
 def verify(dataset):
     """Recompute checksums; exit 1 naming every truncated, corrupted or foreign file."""
-    from .shards import verify_dataset
+    from .shards import ShardError, verify_dataset
+    if not os.path.isdir(dataset):  # a wrong argument (exit 2), not a damaged dataset (exit 1)
+        raise ShardError(f"{dataset}: no such dataset folder; make one with 'fractalsynth generate'")
     problems = verify_dataset(dataset)
     for p in problems:
         click.echo(p, err=True)

@@ -108,6 +108,8 @@ def test_verify_detects_truncated_corrupt_and_foreign(normals_dir, tmp_path):
     text = "\n".join(problems)
     assert shard_name(0) in text and shard_name(1) in text and "stray.h5" in text
     assert "checksum" in text
+    res = CliRunner().invoke(main, ["verify", str(tmp_path / "typo")])
+    assert res.exit_code == 2 and "no such dataset folder" in res.output
     res = CliRunner().invoke(main, ["verify", out])
     assert res.exit_code == 1
     with pytest.raises(ShardError, match=shard_name(0)):
