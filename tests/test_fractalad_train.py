@@ -455,9 +455,37 @@ def test_ddp_gloo_gradients_agree(tiny_shards, tmp_path):
     assert np.abs(g0).sum() > 0
 
 
-def _ddp_fit_worker(rank, world, port, shards, out, q):
+def _free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _as_rank(worker, rank, world, port, q, *args):
+    """In a spawned process: join as torchrun's ``rank`` would, run ``worker``, send its result."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    q.put((rank, worker(rank, *args)))
+
+
+def _on_two_ranks(worker, *args):
+    """``worker(rank, *args)`` on two gloo ranks (fit sets up the group); {rank: its result}."""
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_as_rank, args=(worker, r, 2, port, q, *args)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(q.get(timeout=240) for _ in procs)  # a rank left behind would hang here
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
+
+
+def _ddp_fit_worker(rank, shards, out):
     from fractalad.train import TrainingDiverged
     step = Trainer.step
 
@@ -468,26 +496,14 @@ def _ddp_fit_worker(rank, world, port, shards, out, q):
     Trainer.step = loss_nan_on_rank_1
     try:
         fit(shards, out, _cfg(steps=6, log_every=2), progress=False)
-        q.put((rank, "finished"))
+        return "finished"
     except TrainingDiverged as e:
-        q.put((rank, str(e)))
+        return str(e)
 
 
 def test_ddp_fit_ranks_stop_together_on_one_ranks_nan(tiny_shards, tmp_path):
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
     out = str(tmp_path / "run")
-    procs = [ctx.Process(target=_ddp_fit_worker, args=(r, 2, port, tiny_shards, out, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(q.get(timeout=240) for _ in procs)  # a rank left behind would hang here
-    for p in procs:
-        p.join(timeout=60)
+    results = _on_two_ranks(_ddp_fit_worker, tiny_shards, out)
     for rank in (0, 1):
         assert "mean loss of steps 3-4 is nan" in results[rank], results[rank]
     assert not os.path.exists(os.path.join(out, "model.pt"))
@@ -506,16 +522,7 @@ def test_a_compiled_step_trains_like_the_eager_one(tiny_shards):
     assert_close(losses[True], losses[False], rtol=5e-3)  # a lost update: 35 %
 
 
-def _free_port():
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _ddp_full_fit_worker(rank, world, port, shards, out, steps, resume, q):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _ddp_full_fit_worker(rank, shards, out, steps, resume):
     torch.set_num_threads(1)
     trainers = []
     init = Trainer.__init__
@@ -527,24 +534,12 @@ def _ddp_full_fit_worker(rank, world, port, shards, out, steps, resume, q):
     Trainer.__init__ = keep
     summary = fit(shards, out, _cfg(steps=steps, log_every=2, lr=2e-3), resume=resume, progress=False)
     state = trainers[0].model.trainable_state()
-    q.put((rank, summary["steps"], {k: v.numpy() for k, v in state.items()}))
+    return summary["steps"], {k: v.numpy() for k, v in state.items()}
 
 
 def _ddp_fit(shards, out, steps, resume=False):
     """Run ``fit`` on two gloo ranks; returns each rank's (steps, trainable weights)."""
-    import torch.multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_ddp_full_fit_worker, args=(r, 2, port, shards, out, steps, resume, q))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict((rank, rest) for rank, *rest in (q.get(timeout=240) for _ in procs))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return results
+    return _on_two_ranks(_ddp_full_fit_worker, shards, out, steps, resume)
 
 
 def test_ddp_fit_runs_to_a_model_and_resumes_exactly(tiny_shards, tmp_path):
