@@ -6,6 +6,7 @@ TF-"same" padding, the flow head's sampling grids), so another size would run an
 maps: the TorchScript file checks the shape and raises, ONNX declares it fixed."""
 from __future__ import annotations
 
+import io
 import os
 
 import torch
@@ -73,19 +74,19 @@ def export_run(run_dir: str, fmt: str, out: str, batch_size: int = 1, map_kind: 
     if not os.access(out if os.path.exists(out) else folder, os.W_OK):
         raise OSError(f"{out}: not writable; choose another --out")
     with torch.no_grad():
+        size = str(meta["size"])
         if fmt == "torchscript":
             traced = torch.jit.trace(wrapper, example)
-            size = str(meta["size"]).encode()
             torch.jit.script(ShapeChecked(traced, meta["channels"], meta["size"])).save(
-                out, _extra_files={"input_size": size})
+                out, _extra_files={"input_size": size.encode()})
         else:
-            torch.onnx.export(wrapper, (example,), out, input_names=["images"],
+            import onnx
+            buffer = io.BytesIO()  # in memory: the file is written once, metadata included
+            torch.onnx.export(wrapper, (example,), buffer, input_names=["images"],
                               output_names=["anomaly_map"], opset_version=17,
                               dynamic_axes={"images": {0: "batch"}, "anomaly_map": {0: "batch"}},
                               dynamo=False)
-            import onnx
-            exported = onnx.load(out)
-            onnx.helper.set_model_props(exported, {"input_size": str(meta["size"]),
-                                                   "map": map_kind})
+            exported = onnx.load_model_from_string(buffer.getvalue())
+            onnx.helper.set_model_props(exported, {"input_size": size, "map": map_kind})
             onnx.save(exported, out)
     return out

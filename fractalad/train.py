@@ -367,18 +367,23 @@ def weights_finite(model: torch.nn.Module) -> bool:
     return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
 
 
-def _atomic_save(obj, path):
-    tmp = path + ".partial"
-    torch.save(obj, tmp)
+def _write_whole(path: str, write, tmp_suffix: str = ".partial") -> None:
+    """``write(tmp)``, then rename it onto ``path``: no reader (a DDP rank, a resume) sees half."""
+    tmp = path + tmp_suffix
+    write(tmp)
     os.replace(tmp, path)
+
+
+def _atomic_save(obj, path):
+    _write_whole(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_json(path: str, obj: dict) -> None:
-    """Write ``obj`` to ``path`` whole or not at all: no reader (a DDP rank) sees half of it."""
-    tmp = path + ".partial"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
+    """Write ``obj`` to ``path`` as JSON, whole or not at all."""
+    def dump(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=1)
+    _write_whole(path, dump)
 
 
 # a resume may change these: the schedule (steps, epochs, decay) as long as the steps already
@@ -391,10 +396,9 @@ RESUME_MAY_CHANGE = ("epochs", "steps", "decay_steps", "workers", "log_every", "
 def _save_holdout(shards_dir: str, path: str) -> None:
     """Copy the shard set's held-out normals into the run, so the run calibrates on its own."""
     images, names = load_holdout(shards_dir)
-    if len(images):
-        tmp = path + ".partial.npz"
-        np.savez(tmp, images=images, names=np.array(names))
-        os.replace(tmp, path)
+    if len(images):  # np.savez appends .npz to a name without it
+        _write_whole(path, lambda tmp: np.savez(tmp, images=images, names=np.array(names)),
+                     ".partial.npz")
 
 
 def _saved_config(config: dict) -> FitConfig:
