@@ -219,19 +219,24 @@ def calibrate(run_dir, normals, quantile, device, tta, smooth, map_kind, image_s
               help="An --ema run's trained weights or their moving average (default: as for the "
                    "saved thresholds).")
 @click.option("--skip-bad", is_flag=True, help="Leave out unreadable images (listed) instead of stopping.")
+@click.option("--resume", is_flag=True,
+              help="Keep the rows an earlier predict with the same settings left in --out; "
+                   "predict only the images they lack.")
 @_fail_cleanly
 def predict(run_dir, paths, out, threshold, device, tta, smooth, map_kind, image_score, trained,
-            skip_bad):
+            skip_bad, resume):
     """Scores, heatmaps and binary masks for images or folders."""
     from .evaluate import predict as run
     skipped = []
 
     def note(message):
-        skipped.append(message)
+        if message.startswith("skipped: "):
+            skipped.append(message)
         click.echo(message, err=True)
 
     csv_path = run(run_dir, paths, out, threshold, device, tta=tta, smooth=smooth, map_kind=map_kind,
-                   image_score=image_score, trained=trained, skip_bad=skip_bad, log=note)
+                   image_score=image_score, trained=trained, skip_bad=skip_bad, resume=resume,
+                   log=note)
     n = len(skipped)
     click.echo(f"wrote {csv_path}" + (f" ({n} unreadable image{'s' * (n > 1)} left out)" if n else ""))
 

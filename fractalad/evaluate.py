@@ -8,6 +8,7 @@ with nearest neighbour), as anomalib does.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import time
@@ -568,6 +569,47 @@ def _predict_inputs(inputs) -> list[tuple[str, str]]:
     return named
 
 
+SCORES_HEADER = ["path", "score_max", "score_mean", "anomalous", "image_threshold",
+                 "pixel_threshold", "image_score"]
+PREDICT_SETTINGS = "predict.json"  # what an --out folder's rows were made with, for --resume
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _rows_done(out: str, settings: dict) -> list[list[str]]:
+    """The complete rows an earlier ``predict`` left in ``out``, if it used these settings."""
+    csv_path, settings_path = os.path.join(out, "scores.csv"), os.path.join(out, PREDICT_SETTINGS)
+    if not os.path.isfile(csv_path):
+        return []
+    fix = "drop --resume to predict every image again, or choose another --out"
+    try:
+        with open(settings_path) as fh:
+            before = json.load(fh)
+    except (OSError, ValueError):
+        raise RunError(f"{settings_path}: missing or unreadable, so the rows of {csv_path} "
+                       f"can not be matched to these settings; {fix}") from None
+    changed = sorted(k for k in settings if before.get(k) != settings[k])
+    if changed:
+        raise RunError(f"{csv_path} was written with other settings ({', '.join(changed)}); "
+                       f"resume with the same ones, or {fix}")
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows or rows[0] != SCORES_HEADER:
+        raise RunError(f"{csv_path}: not a scores.csv of this version; {fix}")
+    done = rows[1:]
+    if done and len(done[-1]) != len(SCORES_HEADER):  # cut short by a kill mid-write
+        done = done[:-1]
+    if any(len(row) != len(SCORES_HEADER) for row in done):
+        raise RunError(f"{csv_path}: damaged (a row of the wrong length); {fix}")
+    return done
+
+
 def _setting(option: str, value) -> str:
     """How a predict option with ``value`` is written on the command line."""
     if option in ("--tta", "--trained"):
@@ -579,7 +621,7 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
             device: str = "auto", batch_size: int = 32, tta: bool | None = None,
             smooth: float | None = None, map_kind: str | None = None,
             image_score: str | None = None, trained: bool | None = None,
-            skip_bad: bool = False, log=print) -> str:
+            skip_bad: bool = False, resume: bool = False, log=print) -> str:
     """Heatmaps, binary masks and a scores.csv for images or folders; returns the CSV path.
 
     Thresholds: ``threshold`` for both decisions, else those ``test`` (F1Max) or ``calibrate``
@@ -590,7 +632,9 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
     maps; 'combined' needs saved scales, and saved thresholds are refused for other settings.
     Outputs keep each image's path below the deepest folder holding all inputs, so equal file
     names in different folders do not collide. An unreadable image stops the run (the rows
-    before it are kept), or with ``skip_bad`` is left out and named through ``log``.
+    before it are kept), or with ``skip_bad`` is left out and named through ``log``. ``resume``
+    keeps the rows an earlier call with the same settings wrote to ``out`` and predicts only
+    the images they lack.
     """
     if map_kind is not None and map_kind not in MAP_KINDS:
         raise ValueError(f"map_kind must be one of {MAP_KINDS}, got {map_kind!r}")
@@ -628,20 +672,36 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
                                f"{_setting(option, now[option])}, or pass --threshold")
     norm = saved_map_norm(run_dir) if map_kind == "combined" else None
     scale = display_scale(map_kind, thresholds["pixel"])
+    size, ch = meta["size"], meta["channels"]
+    settings = {"run": os.path.abspath(run_dir), "model_sha256": _file_sha256(os.path.join(run_dir, "model.pt")),
+                "map": map_kind, "image_score": image_score, "tta": tta, "smooth": smooth,
+                "trained": trained, "image_threshold": float(thresholds["image"]),
+                "pixel_threshold": float(thresholds["pixel"]),
+                "map_scales": [list(norm.head), list(norm.student)] if norm else None}
+    done = _rows_done(out, settings) if resume else []
+    if done:
+        finished = {os.path.abspath(row[0]) for row in done}
+        todo = [(p, name) for p, name in named if os.path.abspath(p) not in finished]
+        log(f"resuming: {len(named) - len(todo)} of {len(named)} images already in "
+            f"{os.path.join(out, 'scores.csv')}")
+        named = todo
     os.makedirs(os.path.join(out, "heatmap"), exist_ok=True)
     os.makedirs(os.path.join(out, "mask"), exist_ok=True)
-    size, ch = meta["size"], meta["channels"]
+    write_json(os.path.join(out, PREDICT_SETTINGS), settings)
     csv_path = os.path.join(out, "scores.csv")
-    with open(csv_path, "w", newline="") as fh:
+    # rewritten whole first: a row cut short by a kill is dropped before new rows follow it
+    with open(csv_path + ".partial", "w", newline="") as fh:
+        csv.writer(fh).writerows([SCORES_HEADER, *done])
+    os.replace(csv_path + ".partial", csv_path)
+    with open(csv_path, "a", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["path", "score_max", "score_mean", "anomalous", "image_threshold",
-                    "pixel_threshold", "image_score"])
         for s in range(0, len(named), batch_size):
             chunk, sizes, bad = named[s:s + batch_size], [], []
             try:
                 imgs = preprocess([p for p, _ in chunk], size, ch, sizes, bad if skip_bad else None)
             except ImageError as e:
-                raise ImageError(f"{e} (--skip-bad leaves such files out)") from None
+                raise ImageError(f"{e} (--skip-bad leaves such files out; --resume keeps the "
+                                 "rows written so far)") from None
             for e in bad:
                 log(f"skipped: {e}")
             left_out = {e.path for e in bad}
@@ -660,4 +720,5 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
                 _write_image(mask, ((full >= thresholds["pixel"]) * 255).astype(np.uint8))
                 w.writerow([p, f"{m.max():.6f}", f"{m.mean():.6f}", int(score >= thresholds["image"]),
                             f"{thresholds['image']:.6f}", f"{thresholds['pixel']:.6f}", image_score])
+            fh.flush()  # each finished batch is on disk for a later --resume
     return csv_path

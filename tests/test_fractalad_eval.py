@@ -503,6 +503,47 @@ def test_the_mean_image_score_through_test_calibrate_and_predict(tiny_run, tmp_p
     assert r.invoke(main, ["calibrate", run, "--image-score", "median"]).exit_code == 2
 
 
+def test_predict_resume_keeps_finished_rows(tiny_run, tmp_path):
+    from fractalad.evaluate import RunError, predict
+    from fractalsynth.images import ImageError
+    run, src = str(tiny_run / "run"), tmp_path / "imgs"
+    shutil.copytree(tiny_run / "data" / "test" / "spot", src)
+    (src / "1a.png").write_bytes(b"nope")  # sorts between 1.png and 2.png
+    out = str(tmp_path / "p")
+    with pytest.raises(ImageError, match="--resume keeps the rows"):
+        predict(run, [str(src)], out, device="cpu", batch_size=1, threshold=0.5)
+    csv_path = os.path.join(out, "scores.csv")
+    rows = [r.split(",") for r in open(csv_path).read().splitlines()[1:]]
+    assert [os.path.basename(r[0]) for r in rows] == ["0.png", "1.png"]  # finished batches kept
+    shutil.copy(src / "2.png", src / "1a.png")
+    # a kept row is not predicted again: mark it, and cut the file short mid-row as a kill would
+    lines = open(csv_path).read().splitlines()
+    lines[1] = lines[1].replace(rows[0][1], "9.999999")
+    open(csv_path, "w").write("\n".join(lines) + "\n" + str(src / "1a.png") + ",0.1")
+    with pytest.raises(RunError, match="image_threshold, pixel_threshold"):
+        predict(run, [str(src)], out, device="cpu", threshold=0.4, resume=True)
+    notes = []
+    predict(run, [str(src)], out, device="cpu", threshold=0.5, resume=True, log=notes.append)
+    assert notes == [f"resuming: 2 of 4 images already in {csv_path}"]
+    resumed = [r.split(",") for r in open(csv_path).read().splitlines()[1:]]
+    assert [os.path.basename(r[0]) for r in resumed] == ["0.png", "1.png", "1a.png", "2.png"]
+    assert resumed[0][1] == "9.999999" and resumed[1] == rows[1]
+    whole = predict(run, [str(src)], str(tmp_path / "whole"), device="cpu", threshold=0.5)
+    fresh = [r.split(",")[1:] for r in open(whole).read().splitlines()[1:]]
+    assert [r[1:] for r in resumed[1:]] == fresh[1:]
+    assert sorted(os.listdir(os.path.join(out, "heatmap"))) == ["0.png", "1.png", "1a.png", "2.png"]
+    # without --resume the folder starts afresh; the CLI flag reaches the same code
+    res = CliRunner().invoke(main, ["predict", run, str(src), "--out", out, "--device", "cpu",
+                                    "--threshold", "0.5", "--resume"])
+    assert res.exit_code == 0 and "resuming: 4 of 4 images" in res.output, res.output
+    predict(run, [str(src)], out, device="cpu", threshold=0.5)
+    assert open(csv_path).read().splitlines()[1:] == open(whole).read().splitlines()[1:]
+    os.remove(os.path.join(out, "predict.json"))
+    res = CliRunner().invoke(main, ["predict", run, str(src), "--out", out, "--device", "cpu",
+                                    "--threshold", "0.5", "--resume"])
+    assert res.exit_code == 2 and "predict.json: missing or unreadable" in res.output
+
+
 def test_predict_keeps_sub_folders_apart(tiny_run, tmp_path):
     run, spot = str(tiny_run / "run"), tiny_run / "data" / "test" / "spot"
     src = tmp_path / "in"
