@@ -184,6 +184,41 @@ def random_zoom(tensors, max_zoom: float, generator: torch.Generator):
     return out + [F.grid_sample(mask, grid.to(mask.dtype), mode="nearest", align_corners=False)]
 
 
+class AnomalySamples(Dataset):
+    """Float tensors for any PyTorch model: sample ``i`` of a shard set, or made on the fly.
+
+    ``AnomalySamples(ShardDataset("shards/"))`` reads the shard set; ``AnomalySamples(images,
+    FractalAnomaly(...), length=n)`` makes sample ``i`` from ``images[i % len(images)]`` with
+    ``index=i``, so it is the same whatever the worker count. Items are (normal, anomalous,
+    mask): [C, S, S] and [C, S, S] in [0, 1], and [1, S, S] of 0 / 1, all float32.
+    """
+
+    def __init__(self, source, generator=None, length: int | None = None):
+        if generator is None and (length is not None or not isinstance(source, ShardDataset)):
+            raise ValueError("give a ShardDataset alone, or images with a FractalAnomaly generator")
+        self.source, self.generator = source, generator
+        self.length = len(source) if length is None else int(length)
+        if generator is not None and not len(source):
+            raise ValueError("no images to make anomalies from")
+        if self.length < 0:
+            raise ValueError(f"length must be >= 0, got {self.length}")
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.length:
+            raise IndexError(f"sample {i} out of range for {self.length} samples")
+        if self.generator is None:
+            normal, anomalous, mask = self.source[i]
+        else:
+            normal, anomalous, mask = self.generator(self.source[i % len(self.source)], index=i)
+
+        def image(a):
+            return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))).float().div_(255.0)
+        return image(normal), image(anomalous), torch.from_numpy(mask > 0).float().unsqueeze(0)
+
+
 def _collate_one(items):
     return items[0]
 
