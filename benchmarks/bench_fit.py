@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from benchmarks.bench_loader import remove_temporary, temporary_shards  # noqa: E402
-from fractalad.train import FitConfig, Trainer  # noqa: E402
+from fractalad.train import COMPILE_MODES, FitConfig, Trainer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_NORMALS = os.path.join(HERE, "..", "..", "shared", "data", "magnetic_tile", "magnetic_tile",
@@ -57,6 +57,8 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=None, help="default: enough for warm-up + steps")
     ap.add_argument("--kd", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                    help="torch.compile's mode (with --compile); reduce-overhead adds CUDA graphs")
     ap.add_argument("--cuda-graph", action="store_true", help="capture the step as a CUDA graph")
     ap.add_argument("--no-channels-last", action="store_true")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
@@ -70,6 +72,7 @@ def main(argv=None):
         shards, tmp, gen_seconds = temporary_shards(args.normals, n, args.size, "bench_fit_")
     cfg = FitConfig(backbone=args.backbone, pretrained=False, kd=args.kd, batch_size=args.batch_size,
                     device=args.device, workers=args.workers, compile=args.compile,
+                    compile_mode=args.compile_mode,
                     cuda_graph=args.cuda_graph,
                     channels_last=not args.no_channels_last, bf16=not args.fp32,
                     steps=args.steps + args.warmup)
@@ -107,7 +110,7 @@ def main(argv=None):
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()}",
         "backbone": args.backbone, "batch_size": args.batch_size, "size": args.size, "kd": args.kd,
         "bf16": cfg.bf16 and dev.type == "cuda", "channels_last": cfg.channels_last,
-        "compile": args.compile, "cuda_graph": args.cuda_graph, "workers": args.workers, "steps": args.steps,
+        "compile": args.compile and args.compile_mode, "cuda_graph": args.cuda_graph, "workers": args.workers, "steps": args.steps,
         "shard_samples_per_s": round(shard_sps, 1), "resident_samples_per_s": round(resident_sps, 1),
         "ratio": round(shard_sps / resident_sps, 3),
         "host_to_device_bytes_per_sample": round(packed_bytes / (args.steps * args.batch_size)),

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Every GPU check in one run (device tool), most important first: the Magnetic Tile pipeline
-# with the small-defects options on twice the paper schedule plus a cool-down, fractal against
-# rectangle masks, on a second seed, each tested with the head's map and the combined map; the
-# CPU's 128 px recipe; the weights' moving average (--ema); the CUDA-graph tests (passed in
-# session 9; session 16 added the average's update after each replay to them); the Lite0
-# distillation step's speed in fp32, where its time goes, and compiled (earlier results:
-# docs/results/h100_*.json). The first two need ~9.5 min; the rest fits a second call
-# on the still-warm machine (skip the done checks with SKIP="name ...").
+# Every GPU check in one run (device tool), most important first. First the Lite0 distillation
+# step's speed (issue: >= 1,760 samples/s at 256 px, batch 32; 1,216 with a CUDA graph on an
+# H100 in session 5): this GPU's own baselines (Lite0 and ResNet-18, captured), then
+# torch.compile with CUDA graphs (reduce-overhead), fp32, plain torch.compile and a kernel
+# profile, about 1-3 min each. Then the Magnetic Tile pipeline with the small-defects options on
+# twice the paper schedule plus a cool-down, fractal against rectangle masks, on a second
+# seed, each tested with the head's map and the combined map (~5 min each); the CPU's 128 px
+# recipe; the weights' moving average (--ema); the CUDA-graph tests. One call reaches about
+# the first Magnetic Tile run; the rest fits a second call on the still-warm machine (skip the
+# done checks with SKIP="name ..."; earlier results: docs/results/h100_*.json).
 # Needs .gpu/lite0.pth and .gpu/magnetic_tile (carried, git-ignored; benchmarks/prepare_gpu.sh
 # builds both).
-# Results: one JSON line per check on stdout and in $OUT/*.json. BUDGET (s, default 540) caps
+# Results: one JSON line per check on stdout and in $OUT/*.json. BUDGET (s, default 580) caps
 # the whole script: a check starts only with >= 60 s left and gets at most LIMIT (s) or what
 # is left. A Lite0 distillation run on the paper schedule takes ~110 s on an H100 eager
 # (fit 83 s, test 19 s); with --cuda-graph (~1,200 samples/s) twice the schedule plus a
@@ -35,6 +37,15 @@ run() {
 }
 fit=(python3 benchmarks/bench_fit.py --batch-size 32 --size "$SIZE" --device "$DEV" --steps "$FIT_STEPS" --workers "$W" --normals .gpu/magnetic_tile/train/good)
 lite=("${fit[@]}" --backbone efficientnet_lite0)
+# session 5 (H100): ResNet-18 + graph 1,905 samples/s (ratio 0.98), Lite0 + distillation + graph
+# 1,216; session 9: NCHW 636 (channels_last stays). fp32 and the profile ran out of 60 s slots
+# there. Baselines first: another GPU model (an H200 has more memory bandwidth) moves them.
+LIMIT=100 run fit_lite0_graph "${lite[@]}" --cuda-graph
+LIMIT=200 run fit_lite0_compile_graphs "${lite[@]}" --compile --compile-mode reduce-overhead
+LIMIT=100 run fit_lite0_graph_fp32 "${lite[@]}" --cuda-graph --fp32
+LIMIT=100 run fit_resnet18_graph "${fit[@]}" --backbone resnet18 --cuda-graph
+LIMIT=200 run fit_lite0_compile "${lite[@]}" --compile
+LIMIT=100 run fit_lite0_profile "${lite[@]}" --steps 30 --profile "$OUT/lite0_profile.txt"
 # session 9, 256 px, seed 0, twice the schedule + a cool-down (about 3.5 min each, captured):
 # fractal 0.893 / 0.964 / 0.821 then 0.887 / 0.963 / 0.793; rectangle 0.888 / 0.957 / 0.839
 # then 0.898 / 0.965 / 0.859. The seed-1 pair (eager again if the first run fails)
@@ -52,9 +63,4 @@ LIMIT=180 run mtd_small_fractal_kd_128px "${mtd[@]}" "${small[@]}" --size 128 --
 # 0.893 / 0.964 / 0.821); the run reports the average and, under "live", the trained weights
 LIMIT=200 run mtd_small_fractal_kd_e200_ema "${mtd[@]}" "${small[@]}" --epochs 200 --ema 0.998 --combined "${graph[@]}"
 run tests_cuda python3 -m pytest -q -p no:cacheprovider tests/test_fractalad_train.py -k "cuda_graph or rebuild" --tb=short
-# session 5: ResNet-18 + graph 1,905 samples/s (ratio 0.98), Lite0 + distillation + graph 1,216;
-# session 9: NCHW 636 (channels_last stays). fp32 and the profile ran out of 60 s slots there.
-LIMIT=100 run fit_lite0_graph_fp32 "${lite[@]}" --cuda-graph --fp32
-LIMIT=100 run fit_lite0_profile "${lite[@]}" --steps 30 --profile "$OUT/lite0_profile.txt"
-run fit_lite0_compile "${lite[@]}" --compile
 echo "== done in $SECONDS s"

@@ -13,6 +13,7 @@ from fractalsynth.cli import fail_cleanly
 from .backbones import BACKBONES
 from .evaluate import IMAGE_SCORES, MAP_KINDS, NORMALS_QUANTILE
 from .model import PRESETS
+from .train import COMPILE_MODES
 
 MAP_CHOICE = click.Choice(MAP_KINDS)
 SCORE_CHOICE = click.Choice(IMAGE_SCORES)
@@ -82,6 +83,8 @@ def main():
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="MVTec category: textures train without distillation.")
 @click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the step.")
+@click.option("--compile-mode", type=click.Choice(COMPILE_MODES), default="default", show_default=True,
+              help="torch.compile's mode (with --compile); reduce-overhead replays CUDA graphs.")
 @click.option("--cuda-graph/--no-cuda-graph", default=False, show_default=True,
               help="Capture the step as a CUDA graph and replay it (one GPU).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True)
@@ -91,7 +94,7 @@ def main():
 @_fail_cleanly
 def fit(shards, out, backbone, weights, epochs, steps, batch_size, lr, weight_decay, seed, device,
         workers, kd, head_width, clean_share, flips, zoom, input_blur, decay_steps, ema, preset,
-        compile, cuda_graph, checkpoint_every, resume):
+        compile, compile_mode, cuda_graph, checkpoint_every, resume):
     """Train FractalAD from a shard dataset into a run folder."""
     from .train import FitConfig, fit as run
     if kd is None and preset:
@@ -100,7 +103,8 @@ def fit(shards, out, backbone, weights, epochs, steps, batch_size, lr, weight_de
                  clean_share=clean_share, flips=flips, zoom=zoom, input_blur=input_blur,
                  decay_steps=decay_steps, ema=ema, epochs=epochs, steps=steps, batch_size=batch_size,
                  lr=lr, weight_decay=weight_decay, seed=seed, device=device, workers=workers,
-                 compile=compile, cuda_graph=cuda_graph, checkpoint_every=checkpoint_every)
+                 compile=compile, compile_mode=compile_mode, cuda_graph=cuda_graph,
+                 checkpoint_every=checkpoint_every)
     settings = _resumed_settings(out, given) if resume else given
     if settings["kd"] is None:
         settings["kd"] = True

@@ -31,6 +31,7 @@ PAPER_EPOCH_SAMPLES = 391
 RUN_SCHEMA = "fractalad.run"
 RUN_VERSION = 1
 HOLDOUT_FILE = "holdout_normals.npz"  # the shard set's held-out normals, for calibration
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class TrainingDiverged(RuntimeError):
@@ -62,6 +63,7 @@ class FitConfig:
     workers: int = 2
     bf16: bool = True  # autocast on CUDA only
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile's mode; 'reduce-overhead' adds CUDA graphs
     cuda_graph: bool = False  # capture the step once, replay it (one GPU, static shapes)
     channels_last: bool = True
     checkpoint_every: int = 500
@@ -92,6 +94,11 @@ class FitConfig:
                              "/ --epochs")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1) (0: off; e.g. 0.998), got {self.ema}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got "
+                             f"{self.compile_mode!r}")
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError("--compile-mode needs --compile")
         if self.decay_steps and self.compile:
             # a compiled step would keep the rate it was traced with (or recompile for each one)
             raise ValueError("--decay-steps and --compile exclude each other; use --cuda-graph")
@@ -200,7 +207,7 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if cuda else None)
         self._step_fn = self._train_step
         if cfg.compile:
-            self._step_fn = torch.compile(self._train_step)
+            self._step_fn = torch.compile(self._train_step, mode=cfg.compile_mode)
         elif cfg.cuda_graph:
             self._step_fn = GraphedStep(self._update, self.opt)
         self.step_count = 0
@@ -390,7 +397,7 @@ def write_json(path: str, obj: dict) -> None:
 # taken keep their learning rates, so N steps and then M more equal N + M in one go; the rest
 # set how a run executes or reports (a run captured on a GPU may go on eager, or on the CPU)
 RESUME_MAY_CHANGE = ("epochs", "steps", "decay_steps", "workers", "log_every", "checkpoint_every",
-                     "device", "compile", "cuda_graph")
+                     "device", "compile", "compile_mode", "cuda_graph")
 
 
 def _save_holdout(shards_dir: str, path: str) -> None:

@@ -522,6 +522,20 @@ def test_a_compiled_step_trains_like_the_eager_one(tiny_shards):
     assert_close(losses[True], losses[False], rtol=5e-3)  # a lost update: 35 %
 
 
+def test_compile_mode_reaches_torch_compile(tiny_shards, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from fractalad.cli import main
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode: seen.append(mode) or fn)
+    Trainer(tiny_shards, _cfg(steps=1, compile=True, compile_mode="reduce-overhead"))
+    assert seen == ["reduce-overhead"]
+    with pytest.raises(ValueError, match="compile_mode must be one of default, reduce-overhead"):
+        _cfg(compile=True, compile_mode="fast")
+    res = CliRunner().invoke(main, ["fit", tiny_shards, "--out", str(tmp_path / "r"),
+                                    "--compile-mode", "reduce-overhead"])
+    assert res.exit_code == 2 and "--compile-mode needs --compile" in res.output
+
+
 def _ddp_full_fit_worker(rank, shards, out, steps, resume):
     torch.set_num_threads(1)
     trainers = []
