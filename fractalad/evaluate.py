@@ -62,7 +62,10 @@ def load_run(run_dir: str, device: str | torch.device = "auto", trained: bool = 
                            "drop --trained, or re-run 'fractalad fit'")
         weights = {**weights, **state["trained"]}
     model.load_state_dict(weights)
-    return model.to(device).eval(), meta
+    model = model.to(device).eval()
+    if device.type == "cpu":  # oneDNN's channels-last kernels: 1.4-1.8x the maps per second
+        model = model.to(memory_format=torch.channels_last)
+    return model, meta
 
 
 @dataclass

@@ -58,6 +58,9 @@ def test_loader_and_fit_benchmarks(tiny_mvtec, tmp_path):
         assert key in fit, key
     assert fit["backbone"] == "efficientnet_lite0" and fit["shard_samples_per_s"] > 0
     assert "convolution" in profile.read_text()
+    layout = _bench("bench_layout.py", "--size", 32, "--batch-size", 2, "--steps", 1, "--rounds", 1)
+    assert set(layout["train_samples_per_s"]) == {"nchw", "channels_last"} and layout["train_speedup"] > 0
+    assert layout["map_max_abs_diff"] < 1e-4  # one model, two layouts: the same maps
 
 
 @pytest.mark.parametrize("args", [
