@@ -356,6 +356,21 @@ def test_resume_extends_a_finished_run_like_a_longer_one(tiny_shards, tmp_path):
     assert res.exit_code == 2 and "config.json: missing" in res.output
 
 
+def test_the_loader_worker_count_does_not_change_the_weights(tiny_shards, tmp_path):
+    weights = []
+    for workers in (0, 2):
+        out = str(tmp_path / f"w{workers}")
+        fit(tiny_shards, out, _cfg(steps=4, lr=2e-3, workers=workers), progress=False)
+        weights.append(torch.load(os.path.join(out, "model.pt"), weights_only=False)["model"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not torch.equal(weights[0]["head.out.weight"], _initial_head_weight(tiny_shards))  # it trained
+
+
+def _initial_head_weight(shards):
+    """The head's output weights as a run of this seed starts (before any step)."""
+    return Trainer(shards, _cfg(steps=1)).model.state_dict()["head.out.weight"]
+
+
 def test_learning_rate_decay_schedule_and_resume(tiny_shards, tmp_path):
     cfg = _cfg(steps=10, decay_steps=4, lr=1e-3)
     rates = [cfg.learning_rate(s) for s in range(10)]
