@@ -63,7 +63,9 @@ def load_run(run_dir: str, device: str | torch.device = "auto", trained: bool = 
         weights = {**weights, **state["trained"]}
     model.load_state_dict(weights)
     model = model.to(device).eval()
-    if device.type == "cpu":  # oneDNN's channels-last kernels: 1.4-1.8x the maps per second
+    # oneDNN's channels-last kernels: 1.1-1.5x the maps per second (benchmarks/bench_layout.py);
+    # not measured for GPU inference, which keeps the default layout
+    if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     return model, meta
 
