@@ -109,8 +109,12 @@ def fit(shards, out, backbone, weights, epochs, steps, batch_size, lr, weight_de
     if settings["kd"] is None:
         settings["kd"] = True
     summary = run(shards, out, FitConfig(**settings), resume=resume)
+    if "loss" not in summary:  # a resume of a finished run with the same schedule
+        click.echo(f"{out}: already at step {summary['steps']}; nothing trained (a longer --steps "
+                   "or --epochs extends it)")
+        return
     click.echo(f"{out}: {summary['steps']} steps, {summary['samples_per_s']:.1f} samples/s, "
-               f"last loss {summary.get('loss', float('nan')):.4f}")
+               f"last loss {summary['loss']:.4f}")
 
 
 def _resumed_settings(out: str, given: dict) -> dict:

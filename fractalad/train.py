@@ -432,7 +432,10 @@ def run_metadata(cfg: FitConfig, shards_dir: str, trainer: Trainer) -> dict:
 
 def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, progress=True,
         log=print) -> dict:
-    """Train and write the run folder; returns a summary (steps, seconds, samples/s, last loss)."""
+    """Train and write the run folder; returns a summary (steps, seconds, samples/s, last loss).
+
+    With ``progress``, rank 0 shows a progress bar and first says what it runs through ``log``.
+    """
     device = init_distributed(pick_device(cfg.device))
     trainer = Trainer(shards_dir, cfg, device)
     rank = trainer.rank
@@ -475,7 +478,7 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
     if rank == 0:
         write_json(os.path.join(out_dir, "config.json"), meta)
         _save_holdout(shards_dir, os.path.join(out_dir, HOLDOUT_FILE))
-    total = cfg.total_steps()
+    total, start = cfg.total_steps(), trainer.step_count
     metrics_path = os.path.join(out_dir, "metrics.csv")
     new_csv = not (resume and os.path.exists(metrics_path))
     csv_fh = open(metrics_path, "a" if not new_csv else "w", newline="") if rank == 0 else None
@@ -485,12 +488,17 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
+        where = f"the CPU ({torch.get_num_threads()} threads)" if device.type == "cpu" else str(device)
+        per_step = f"batch {cfg.batch_size}" + (f" on each of {trainer.world} ranks" if trainer.world > 1 else "")
+        steps = f"training steps {start + 1}-{total}" if start < total else "no steps left to train"
+        log(f"{out_dir}: {f'resuming after step {start}, ' if resume else ''}{steps} ({per_step}), "
+            f"{cfg.backbone} {'with distillation' if cfg.kd else 'in texture mode'}, "
+            f"{trainer.shards.size} px, on {where}")
         bar = tqdm(total=total, initial=trainer.step_count, desc="fit", unit="step", dynamic_ncols=True)
     sums = torch.zeros(3, device=device)
     count = 0
     t0 = time.perf_counter()
     t_log = t0
-    start = trainer.step_count
     saved_step = start if resume else None  # the step checkpoint.pt holds
     last = {}
     for batch in trainer.batches_from(start, total, cfg.workers):

@@ -345,10 +345,13 @@ def test_resume_extends_a_finished_run_like_a_longer_one(tiny_shards, tmp_path):
     res = CliRunner().invoke(main, ["fit", tiny_shards, "--out", extended, "--resume",
                                     "--steps", "5", "--workers", "1"])
     assert res.exit_code == 0, res.output
+    assert "resuming after step 3, training steps 4-5 (batch 4), resnet18 with distillation" in res.output
     a, b = (torch.load(os.path.join(r, "model.pt"), weights_only=False) for r in (straight, extended))
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert b["meta"]["fit"]["steps"] == 5 and b["meta"]["fit"]["lr"] == 2e-3
+    res = CliRunner().invoke(main, ["fit", tiny_shards, "--out", extended, "--resume"])
+    assert res.exit_code == 0 and "already at step 5; nothing trained" in res.output, res.output
     res = CliRunner().invoke(main, ["fit", tiny_shards, "--out", extended, "--resume",
                                     "--steps", "6", "--lr", "1e-4"])
     assert res.exit_code != 0 and "other settings (lr)" in res.output
