@@ -46,6 +46,9 @@ LIMIT=100 run fit_lite0_graph_fp32 "${lite[@]}" --cuda-graph --fp32
 LIMIT=100 run fit_resnet18_graph "${fit[@]}" --backbone resnet18 --cuda-graph
 LIMIT=200 run fit_lite0_compile "${lite[@]}" --compile
 LIMIT=100 run fit_lite0_profile "${lite[@]}" --steps 30 --profile "$OUT/lite0_profile.txt"
+# inference (fp32, as test/predict run) in channels_last against NCHW: the CPU gains 1.1-1.5x,
+# the GPU keeps NCHW until this says otherwise (the training half here is fp32, not fit's bf16)
+LIMIT=60 run layout_lite0 python3 benchmarks/bench_layout.py --device "$DEV" --size "$SIZE" --batch-size 32
 # session 9, 256 px, seed 0, twice the schedule + a cool-down (about 3.5 min each, captured):
 # fractal 0.893 / 0.964 / 0.821 then 0.887 / 0.963 / 0.793; rectangle 0.888 / 0.957 / 0.839
 # then 0.898 / 0.965 / 0.859. The seed-1 pair (eager again if the first run fails)
