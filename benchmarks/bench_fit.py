@@ -17,17 +17,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from benchmarks.bench_loader import remove_temporary, temporary_shards  # noqa: E402
+from benchmarks.bench_loader import remove_temporary, sync_device, temporary_shards  # noqa: E402
 from fractalad.train import COMPILE_MODES, FitConfig, Trainer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_NORMALS = os.path.join(HERE, "..", "..", "shared", "data", "magnetic_tile", "magnetic_tile",
                                "train", "good")
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _write_profile(tr, resident, dev, path):
@@ -37,7 +32,7 @@ def _write_profile(tr, resident, dev, path):
     with profile(activities=activities) as prof:
         for _ in range(10):
             tr._step_fn(*resident)
-        _sync(dev)
+        sync_device(dev)
     key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     with open(path, "w") as f:
         f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70) + "\n")
@@ -86,23 +81,23 @@ def main(argv=None):
         b = next(batches)
         first = first or b
         tr.step(b)
-    _sync(dev)
+    sync_device(dev)
     t = time.perf_counter()
     packed_bytes = 0
     for b in batches:
         packed_bytes += b["packed"].numel()
         tr.step(b)
-    _sync(dev)
+    sync_device(dev)
     shard_sps = args.steps * args.batch_size / (time.perf_counter() - t)
 
     resident = tr.to_inputs(first)
     for _ in range(3):
         tr._step_fn(*resident)
-    _sync(dev)
+    sync_device(dev)
     t = time.perf_counter()
     for _ in range(args.steps):
         tr._step_fn(*resident)
-    _sync(dev)
+    sync_device(dev)
     resident_sps = args.steps * args.batch_size / (time.perf_counter() - t)
     if args.profile:
         _write_profile(tr, resident, dev, args.profile)

@@ -11,30 +11,30 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
+import sys
 import time
 
-import torch
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fractalad.model import FractalAD
-from fractalad.train import pick_device
+import torch  # noqa: E402
+
+from benchmarks.bench_loader import sync_device  # noqa: E402
+from fractalad.model import FractalAD  # noqa: E402
+from fractalad.train import pick_device  # noqa: E402
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _timed(fn, steps, device) -> float:
     """Seconds per call of ``fn`` over ``steps`` calls (after one untimed call)."""
     fn()
-    _sync(device)
+    sync_device(device)
     t = time.perf_counter()
     for _ in range(steps):
         fn()
-    _sync(device)
+    sync_device(device)
     return (time.perf_counter() - t) / steps
 
 

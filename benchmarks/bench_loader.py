@@ -91,7 +91,8 @@ def _bytes(item: dict) -> int:
     return sum(v.numel() * v.element_size() for v in item.values() if torch.is_tensor(v))
 
 
-def _sync(device):
+def sync_device(device):
+    """Wait for the device's queued work (timings on a GPU need it)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -125,11 +126,11 @@ def main(argv=None):
             t = time.perf_counter()
             items[name] = [batches[k] for k in range(len(batches))]
             worker[name].append(time.perf_counter() - t)
-            _sync(dev)
+            sync_device(dev)
             t = time.perf_counter()
             for item in items[name]:
                 rebuild_fn(item)
-            _sync(dev)
+            sync_device(dev)
             rebuild[name].append(time.perf_counter() - t)
     for a, b in zip(items["ours"], items["baseline"]):
         if not all(torch.equal(x, y) for x, y in zip(normals.rebuild(a), index_rebuild(normals, b))):

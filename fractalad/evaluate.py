@@ -22,7 +22,7 @@ from fractalsynth.images import ImageError, list_images, load_image, prepare_nor
 
 from .metrics import detection_metrics
 from .model import FractalAD
-from .train import HOLDOUT_FILE, RUN_SCHEMA, RUN_VERSION, pick_device, write_json
+from .train import HOLDOUT_FILE, RUN_SCHEMA, RUN_VERSION, pick_device, write_json, write_whole
 
 
 class RunError(ValueError):
@@ -615,6 +615,11 @@ def _rows_done(out: str, settings: dict) -> list[list[str]]:
     return done
 
 
+def _write_rows(path: str, rows) -> None:
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+
+
 def _setting(option: str, value) -> str:
     """How a predict option with ``value`` is written on the command line."""
     if option in ("--tta", "--trained"):
@@ -695,9 +700,7 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
     write_json(os.path.join(out, PREDICT_SETTINGS), settings)
     csv_path = os.path.join(out, "scores.csv")
     # rewritten whole first: a row cut short by a kill is dropped before new rows follow it
-    with open(csv_path + ".partial", "w", newline="") as fh:
-        csv.writer(fh).writerows([SCORES_HEADER, *done])
-    os.replace(csv_path + ".partial", csv_path)
+    write_whole(csv_path, lambda tmp: _write_rows(tmp, [SCORES_HEADER, *done]))
     with open(csv_path, "a", newline="") as fh:
         w = csv.writer(fh)
         for s in range(0, len(named), batch_size):

@@ -374,7 +374,7 @@ def weights_finite(model: torch.nn.Module) -> bool:
     return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
 
 
-def _write_whole(path: str, write, tmp_suffix: str = ".partial") -> None:
+def write_whole(path: str, write, tmp_suffix: str = ".partial") -> None:
     """``write(tmp)``, then rename it onto ``path``: no reader (a DDP rank, a resume) sees half."""
     tmp = path + tmp_suffix
     write(tmp)
@@ -382,7 +382,7 @@ def _write_whole(path: str, write, tmp_suffix: str = ".partial") -> None:
 
 
 def _atomic_save(obj, path):
-    _write_whole(path, lambda tmp: torch.save(obj, tmp))
+    write_whole(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_json(path: str, obj: dict) -> None:
@@ -390,7 +390,7 @@ def write_json(path: str, obj: dict) -> None:
     def dump(tmp):
         with open(tmp, "w") as fh:
             json.dump(obj, fh, indent=1)
-    _write_whole(path, dump)
+    write_whole(path, dump)
 
 
 # a resume may change these: the schedule (steps, epochs, decay) as long as the steps already
@@ -404,7 +404,7 @@ def _save_holdout(shards_dir: str, path: str) -> None:
     """Copy the shard set's held-out normals into the run, so the run calibrates on its own."""
     images, names = load_holdout(shards_dir)
     if len(images):  # np.savez appends .npz to a name without it
-        _write_whole(path, lambda tmp: np.savez(tmp, images=images, names=np.array(names)),
+        write_whole(path, lambda tmp: np.savez(tmp, images=images, names=np.array(names)),
                      ".partial.npz")
 
 
