@@ -5,115 +5,170 @@
 - ``aupro``: area under the per-region-overlap curve up to a false-positive rate of 0.3,
   divided by 0.3 (MVTec's PRO; regions are 8-connected components of each ground-truth mask).
 
-All three come from one descending sort of the scores (``RankedScores``): pixel metrics of a
-test set sort tens of millions of values, so ``pixel_metrics`` sorts once for all three.
+All three are exact and come from the scores split by class, each class sorted once
+(``ClassScores``); every count on the curves is then a binary search. Pixel metrics at the
+original resolution sort tens of millions of values, so the normal pixels are held once, as
+float32, and never paired with an index array: about 10 bytes per pixel at the peak, counting
+the caller's maps and masks.
 """
 from __future__ import annotations
 
 import numpy as np
 from skimage.measure import label
 
+# distinct normal scores handled at once on the PRO curve: bounds the working memory
+_PRO_BLOCK = 1 << 18
 
-class RankedScores:
-    """Scores sorted once (descending), with cumulative counts at the end of each tie group."""
 
-    def __init__(self, scores, labels, weights=None):
-        s = np.asarray(scores).ravel()
-        # keep float64 scores exact, so that a threshold returned is one of the scores given
-        s = s if s.dtype in (np.float32, np.float64) else s.astype(np.float64)
-        y = np.asarray(labels).ravel().astype(bool)
-        order = np.argsort(-s)
-        s_sorted = s[order]
-        y_sorted = y[order]
-        self.ends = np.r_[s_sorted[1:] != s_sorted[:-1], True]
-        self.thresholds = s_sorted[self.ends]
-        self.tp = np.cumsum(y_sorted)[self.ends]
-        self.fp = np.cumsum(~y_sorted)[self.ends]
-        self.n_pos = int(y.sum())
-        self.n_neg = int(y.size - self.n_pos)
-        self.weight = None if weights is None else np.cumsum(np.asarray(weights).ravel()[order])[self.ends]
+def _as_scores(a) -> np.ndarray:
+    a = np.asarray(a).ravel()
+    # keep float scores exact, so that a threshold returned is one of the scores given
+    return a if a.dtype in (np.float32, np.float64) else a.astype(np.float64)
+
+
+class ClassScores:
+    """Scores of normal and anomalous samples, each sorted ascending (anomalous ones with weights)."""
+
+    def __init__(self, normal, anomalous, anomalous_weights=None, *, copy: bool = True):
+        self.neg = _as_scores(normal)
+        if copy:
+            self.neg = np.sort(self.neg)
+        else:  # sorts a float ``normal`` in place: the caller gives up an array it built
+            self.neg.sort()
+        pos = _as_scores(anomalous)
+        order = np.argsort(pos, kind="stable")
+        self.pos = pos[order]
+        self.n_pos, self.n_neg = self.pos.size, self.neg.size
+        self.weight_below = None  # weight_below[i]: sum of the weights of pos[:i]
+        if anomalous_weights is not None:
+            w = np.asarray(anomalous_weights, dtype=np.float64).ravel()[order]
+            self.weight_below = np.r_[0.0, np.cumsum(w)]
+
+    @classmethod
+    def from_labels(cls, scores, labels):
+        """Split one score array by its 0/1 labels."""
+        s, y = _as_scores(scores), np.asarray(labels).ravel().astype(bool)
+        return cls(s[~y], s[y])
 
     def auroc(self) -> float:
         if self.n_pos == 0 or self.n_neg == 0:
             return float("nan")
-        return _trapezoid(np.r_[0.0, self.fp / self.n_neg], np.r_[0.0, self.tp / self.n_pos])
+        below = np.searchsorted(self.neg, self.pos, side="left").sum(dtype=np.int64)
+        at_or_below = np.searchsorted(self.neg, self.pos, side="right").sum(dtype=np.int64)
+        # Mann-Whitney: a tie between a normal and an anomalous score counts one half
+        return float((below + at_or_below) / (2.0 * self.n_pos * self.n_neg))
 
     def f1_max(self):
         if self.n_pos == 0:
             return float("nan"), float("nan")
-        precision = self.tp / (self.tp + self.fp)
-        recall = self.tp / self.n_pos
-        f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-        k = int(np.argmax(f1))
-        return float(f1[k]), float(self.thresholds[k])
+        # F1 only rises when the threshold drops onto an anomalous score, so try those alone
+        first = np.flatnonzero(np.r_[True, self.pos[1:] != self.pos[:-1]])[::-1]
+        thresholds = self.pos[first]
+        tp = self.n_pos - first
+        fp = self.n_neg - np.searchsorted(self.neg, thresholds, side="left")
+        f1 = 2.0 * tp / (tp + fp + self.n_pos)
+        k = int(np.argmax(f1))  # the highest threshold among equals
+        return float(f1[k]), float(thresholds[k])
 
-    def aupro(self, n_regions: int, fpr_limit: float = 0.3) -> float:
-        """Needs ``weights`` = 1 / (region size) on region pixels; labels = region pixels."""
+    def _weight_at_or_above(self, t, side: str) -> np.ndarray:
+        return self.weight_below[-1] - self.weight_below[np.searchsorted(self.pos, t, side=side)]
+
+    def aupro(self, n_regions: int, fpr_limit: float = 0.3, block: int = _PRO_BLOCK) -> float:
+        """Needs ``anomalous_weights`` = 1 / (region size) on each region pixel."""
         if n_regions == 0 or self.n_neg == 0:
             return float("nan")
-        fpr = np.r_[0.0, self.fp / self.n_neg]
-        pro = np.r_[0.0, self.weight / n_regions]
-        j = int(np.searchsorted(fpr, fpr_limit, side="right"))
-        x, y = fpr[:j], pro[:j]
-        if j < len(fpr) and x[-1] < fpr_limit:  # interpolate the curve at the limit
-            t = (fpr_limit - fpr[j - 1]) / max(fpr[j] - fpr[j - 1], 1e-12)
-            x = np.r_[x, fpr_limit]
-            y = np.r_[y, pro[j - 1] + t * (pro[j] - pro[j - 1])]
-        return _trapezoid(x, y) / fpr_limit
-
-
-def _trapezoid(x, y) -> float:
-    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) * 0.5))
+        # the curve moves right only where the threshold passes a normal score; the top
+        # floor(limit * N) + 1 normal scores reach past the limit
+        top = self.neg[::-1][: min(self.n_neg, int(fpr_limit * self.n_neg) + 1)]
+        area, fpr_before = 0.0, 0.0
+        for a in range(0, top.size, block):
+            chunk = top[a:a + block]
+            # each distinct score once, descending; a tie group cut by the block's edge gives
+            # one more point at the same false-positive rate, a segment of zero width
+            t = chunk[np.r_[True, chunk[1:] != chunk[:-1]]]
+            fpr = (self.n_neg - np.searchsorted(self.neg, t, side="left")) / self.n_neg
+            x0 = np.r_[fpr_before, fpr[:-1]]
+            y0 = self._weight_at_or_above(t, "right") / n_regions  # just above t
+            y1 = self._weight_at_or_above(t, "left") / n_regions  # at t
+            past = np.flatnonzero(fpr > fpr_limit)
+            if past.size:  # the segment that crosses the limit: cut it there
+                k = int(past[0])
+                share = (fpr_limit - x0[k]) / max(fpr[k] - x0[k], 1e-12)
+                y_cut = y0[k] + share * (y1[k] - y0[k])
+                area += float(np.sum((fpr[:k] - x0[:k]) * (y0[:k] + y1[:k]))) * 0.5
+                area += (fpr_limit - x0[k]) * (y0[k] + y_cut) * 0.5
+                return area / fpr_limit
+            area += float(np.sum((fpr - x0) * (y0 + y1))) * 0.5
+            fpr_before = float(fpr[-1])
+        return area / fpr_limit
 
 
 def auroc(scores, labels) -> float:
     """ROC AUC; nan when only one class is present."""
-    return RankedScores(scores, labels).auroc()
+    return ClassScores.from_labels(scores, labels).auroc()
 
 
 def f1_max(scores, labels):
     """(best F1, its threshold): predict anomalous where score >= threshold."""
-    return RankedScores(scores, labels).f1_max()
+    return ClassScores.from_labels(scores, labels).f1_max()
 
 
-def _flat(arrays, dtype=None) -> np.ndarray:
-    """One flat array from an array [N, ...] or a list of arrays of any shapes."""
-    if isinstance(arrays, np.ndarray):
-        return arrays.ravel() if dtype is None else arrays.astype(dtype, copy=False).ravel()
-    return np.concatenate([np.asarray(a, dtype=dtype).ravel() for a in arrays])
+def _check_sizes(maps: list, masks: list) -> None:
+    n_map = sum(np.asarray(m).size for m in maps)
+    n_mask = sum(np.asarray(g).size for g in masks)
+    if len(maps) != len(masks) or n_map != n_mask:
+        raise ValueError(f"maps and masks differ in size ({n_map} vs {n_mask} pixels)")
 
 
-def region_weights(masks):
-    """(1 / region size on each ground-truth region's pixels, flat; number of regions).
+def region_weights(mask):
+    """(1 / region size on each ground-truth pixel of ``mask``, in row-major order; number of regions)."""
+    lab, n = label(mask, connectivity=2, return_num=True)
+    if n == 0:
+        return np.zeros(0), 0
+    inverse_size = np.r_[0.0, 1.0 / np.bincount(lab.ravel())[1:]]
+    return inverse_size[lab[mask]], n
 
-    ``masks``: an array [N, H, W] or a list of 2-D masks of any sizes (original resolutions).
-    """
-    parts, n_regions = [], 0
-    for m in masks:
-        lab, n = label(np.asarray(m).astype(bool), connectivity=2, return_num=True)
-        w = np.zeros(n + 1)
-        if n:
-            w[1:] = 1.0 / np.bincount(lab.ravel())[1:]
-        parts.append(w[lab].ravel())
-        n_regions += n
-    return (np.concatenate(parts) if parts else np.zeros(0)), n_regions
+
+def pixel_scores(maps, masks) -> tuple[ClassScores, int]:
+    """Every pixel's score split by its mask, with PRO weights; and the number of regions."""
+    maps, masks = list(maps), list(masks)
+    _check_sizes(maps, masks)
+    n_pos = sum(int(np.count_nonzero(g)) for g in masks)
+    n_all = sum(np.asarray(g).size for g in masks)
+    # filled in place, one image at a time: a concatenation would hold every pixel twice
+    neg = np.empty(n_all - n_pos, np.float32)
+    pos, weights, n_regions, at = [], [], 0, 0
+    for m, g in zip(maps, masks):
+        g = np.asarray(g).astype(bool, copy=False)
+        m = np.asarray(m)
+        if m.size != g.size:
+            raise ValueError(f"a map and its mask differ in size ({m.size} vs {g.size} pixels)")
+        m = m.reshape(g.shape)
+        normal = m[~g]
+        neg[at:at + normal.size] = normal
+        at += normal.size
+        if g.any():
+            pos.append(m[g].astype(np.float32))
+            w, n = region_weights(g)
+            weights.append(w)
+            n_regions += n
+    pos = np.concatenate(pos) if pos else np.zeros(0, np.float32)
+    w = np.concatenate(weights) if weights else np.zeros(0)
+    return ClassScores(neg, pos, w, copy=False), n_regions
 
 
 def aupro(maps, masks, fpr_limit: float = 0.3) -> float:
     """Normalised area under PRO(FPR) for FPR in [0, fpr_limit]; nan without any region."""
-    return pixel_metrics(maps, masks, fpr_limit)["AUPRO"]
+    scores, n_regions = pixel_scores(maps, masks)
+    return scores.aupro(n_regions, fpr_limit)
 
 
 def pixel_metrics(maps, masks, fpr_limit: float = 0.3) -> dict:
-    """pixel_AUROC, pixel_F1Max (and its threshold) and AUPRO from one sort.
+    """pixel_AUROC, pixel_F1Max (and its threshold) and AUPRO from one split of the pixels.
 
     ``maps`` and ``masks``: arrays [N, H, W], or lists of 2-D arrays (pairwise the same shape).
     """
-    scores, truth = _flat(maps, np.float32), _flat(masks, bool)
-    if scores.size != truth.size:
-        raise ValueError(f"maps and masks differ in size ({scores.size} vs {truth.size} pixels)")
-    weights, n_regions = region_weights(masks)
-    r = RankedScores(scores, truth, weights)
+    r, n_regions = pixel_scores(maps, masks)
     f1, thr = r.f1_max()
     return {"pixel_AUROC": r.auroc(), "pixel_F1Max": f1, "AUPRO": r.aupro(n_regions, fpr_limit),
             "pixel_threshold": thr}
@@ -121,7 +176,8 @@ def pixel_metrics(maps, masks, fpr_limit: float = 0.3) -> dict:
 
 def detection_metrics(image_scores_max, image_scores_mean, image_labels, maps=None, masks=None):
     """anomalib-named metrics: image level for both scores; pixel level where masks exist."""
-    img, img_mean = RankedScores(image_scores_max, image_labels), RankedScores(image_scores_mean, image_labels)
+    img = ClassScores.from_labels(image_scores_max, image_labels)
+    img_mean = ClassScores.from_labels(image_scores_mean, image_labels)
     (f1, thr), (f1_mean, thr_mean) = img.f1_max(), img_mean.f1_max()
     out = {
         "image_AUROC": img.auroc(), "image_F1Max": f1, "image_threshold": thr,

@@ -63,6 +63,13 @@ def test_loader_and_fit_benchmarks(tiny_mvtec, tmp_path):
     assert layout["map_max_abs_diff"] < 1e-4  # one model, two layouts: the same maps
 
 
+def test_metrics_benchmark():
+    out = _bench("bench_metrics.py", "--images", 6, "--size", 40, "--repeats", 1)
+    # ours and the one-sort baseline agree; the figures are there
+    assert out["max_metric_difference"] < 1e-9 and 0 < out["metrics"]["pixel_AUROC"] <= 1
+    assert out["peak_bytes_per_pixel"] > 0 and out["baseline_peak_bytes_per_pixel"] > 0
+
+
 @pytest.mark.parametrize("args", [
     ["--cooldown-steps", 2, "--combined", "--ema", 0.9, "--tta", "--smooth", 1],
     ["--mask-source", "rectangle", "--no-kd"],  # the two ablations

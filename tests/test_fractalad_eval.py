@@ -12,7 +12,7 @@ from skimage.measure import label
 
 from fractalad.cli import main
 from fractalsynth.images import list_images
-from fractalad.metrics import aupro, auroc, detection_metrics, f1_max, pixel_metrics
+from fractalad.metrics import aupro, auroc, detection_metrics, f1_max, pixel_metrics, pixel_scores
 from compare import assert_apart, assert_close
 from tiny_data import make_mvtec
 
@@ -88,6 +88,24 @@ def test_metrics_match_brute_force(seed):
     with pytest.raises(ValueError, match="differ in size"):
         pixel_metrics(maps_l, [masks[0], masks[1], masks[2]])
     assert auroc([1, 2], [1, 1]) != auroc([1, 2], [1, 1])  # nan with one class
+
+
+@pytest.mark.parametrize("decimals", [1, 2, None])  # heavy ties, some, none
+def test_pro_curve_in_blocks_equals_one_pass(decimals):
+    """AUPRO walks the normal scores in blocks (to bound memory): any block size, one answer."""
+    rng = np.random.default_rng(7)
+    masks = rng.random((4, 30, 30)) < 0.08
+    masks[1, 5:15, 5:12] = True
+    maps = (rng.random(masks.shape) * 0.7 + masks * rng.random(masks.shape) * 0.4).astype(np.float32)
+    if decimals is not None:
+        maps = np.round(maps, decimals)
+    scores, n_regions = pixel_scores(maps, masks)
+    whole = scores.aupro(n_regions, block=1 << 20)
+    assert whole == pytest.approx(_brute_aupro(maps, masks), abs=2e-3)
+    for block in (1, 2, 7, 100):
+        assert scores.aupro(n_regions, block=block) == pytest.approx(whole, abs=1e-12)
+    # the caller's maps are left as they were: only the copy of the normal pixels is sorted
+    assert not np.all(np.diff(maps[~masks]) >= 0)
 
 
 @pytest.fixture(scope="module")
