@@ -48,6 +48,8 @@ class ClassScores:
     def from_labels(cls, scores, labels):
         """Split one score array by its 0/1 labels."""
         s, y = _as_scores(scores), np.asarray(labels).ravel().astype(bool)
+        if s.size != y.size:
+            raise ValueError(f"scores and labels differ in length ({s.size} vs {y.size})")
         return cls(s[~y], s[y])
 
     def auroc(self) -> float:

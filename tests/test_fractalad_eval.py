@@ -88,6 +88,8 @@ def test_metrics_match_brute_force(seed):
     with pytest.raises(ValueError, match="differ in size"):
         pixel_metrics(maps_l, [masks[0], masks[1], masks[2]])
     assert auroc([1, 2], [1, 1]) != auroc([1, 2], [1, 1])  # nan with one class
+    with pytest.raises(ValueError, match="differ in length"):
+        auroc([0.1, 0.2, 0.3], [0, 1])
 
 
 @pytest.mark.parametrize("decimals", [1, 2, None])  # heavy ties, some, none
