@@ -115,13 +115,6 @@ def f1_max(scores, labels):
     return ClassScores.from_labels(scores, labels).f1_max()
 
 
-def _check_sizes(maps: list, masks: list) -> None:
-    n_map = sum(np.asarray(m).size for m in maps)
-    n_mask = sum(np.asarray(g).size for g in masks)
-    if len(maps) != len(masks) or n_map != n_mask:
-        raise ValueError(f"maps and masks differ in size ({n_map} vs {n_mask} pixels)")
-
-
 def region_weights(mask):
     """(1 / region size on each ground-truth pixel of ``mask``, in row-major order; number of regions)."""
     lab, n = label(mask, connectivity=2, return_num=True)
@@ -134,9 +127,11 @@ def region_weights(mask):
 def pixel_scores(maps, masks) -> tuple[ClassScores, int]:
     """Every pixel's score split by its mask, with PRO weights; and the number of regions."""
     maps, masks = list(maps), list(masks)
-    _check_sizes(maps, masks)
-    n_pos = sum(int(np.count_nonzero(g)) for g in masks)
     n_all = sum(np.asarray(g).size for g in masks)
+    n_map = sum(np.asarray(m).size for m in maps)
+    if len(maps) != len(masks) or n_map != n_all:
+        raise ValueError(f"maps and masks differ in size ({n_map} vs {n_all} pixels)")
+    n_pos = sum(int(np.count_nonzero(g)) for g in masks)
     # filled in place, one image at a time: a concatenation would hold every pixel twice
     neg = np.empty(n_all - n_pos, np.float32)
     pos, weights, n_regions, at = [], [], 0, 0
