@@ -6,9 +6,9 @@
 # profile, about 1-3 min each. Then the Magnetic Tile pipeline with the small-defects options on
 # twice the paper schedule plus a cool-down, fractal against rectangle masks, on a second
 # seed, each tested with the head's map and the combined map (~5 min each); the CPU's 128 px
-# recipe; the weights' moving average (--ema); the CUDA-graph tests. One call reaches about
-# the first Magnetic Tile run; the rest fits a second call on the still-warm machine (skip the
-# done checks with SKIP="name ..."; earlier results: docs/results/h100_*.json).
+# batch-32 recipe, both mask sources, two seeds; the weights' moving average (--ema); the
+# CUDA-graph tests. One call reaches about the first Magnetic Tile run; the rest fits a second
+# call on the still-warm machine (skip the done checks with SKIP="name ..."; earlier results: docs/results/h100_*.json).
 # Needs .gpu/lite0.pth and .gpu/magnetic_tile (carried, git-ignored; benchmarks/prepare_gpu.sh
 # builds both).
 # Results: one JSON line per check on stdout and in $OUT/*.json. BUDGET (s, default 580) caps
@@ -58,9 +58,15 @@ long=(--epochs 200 --cooldown-steps 611 --seed 1)
 LIMIT=290 run mtd_small_fractal_kd_e200_s1 "${mtd[@]}" "${small[@]}" "${long[@]}" --combined --cuda-graph
 graph=(--cuda-graph); grep -q Traceback /tmp/mtd_small_fractal_kd_e200_s1.err && graph=()  # a failure, not a timeout
 LIMIT=290 run mtd_small_rectangle_kd_e200_s1 "${mtd[@]}" "${small[@]}" "${long[@]}" --combined --mask-source rectangle "${graph[@]}"
-# 128 px scored higher image_AUROC on the CPU (0.93-0.94 with the cool-down) than 256 px on the
-# H100 (0.89-0.90): the CPU recipe (batch 16, 2,444 steps + 611 decaying) on the GPU, seed 0
-LIMIT=180 run mtd_small_fractal_kd_128px "${mtd[@]}" "${small[@]}" --size 128 --batch-size 16 --steps 2444 --cooldown-steps 611 --combined "${graph[@]}"
+# 128 px scores higher image_AUROC than 256 px. The CPU's best recipe (sessions 21-23: batch 32,
+# 2,444 steps, no cool-down; area-matched rectangles ahead of fractal masks on image scores) is
+# a minute a run here: both mask sources on seeds the CPU has not run
+c128=(--size 128 --batch-size 32 --steps 2444 --combined "${graph[@]}")
+for seed in 3 4; do
+  LIMIT=150 run "mtd_128px_b32_fractal_s$seed" "${mtd[@]}" "${small[@]}" "${c128[@]}" --seed "$seed"
+  LIMIT=150 run "mtd_128px_b32_rectangle_s$seed" "${mtd[@]}" "${small[@]}" "${c128[@]}" --seed "$seed" \
+    --mask-source rectangle --cut-scale 0.03-0.38
+done
 # session 16, CPU 128 px: the weights' moving average (--ema 0.998) raised AUPRO over the trained
 # weights of the same step; at 256 px, seed 0, twice the schedule (session 9 trained weights:
 # 0.893 / 0.964 / 0.821); the run reports the average and, under "live", the trained weights

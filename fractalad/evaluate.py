@@ -20,7 +20,7 @@ import torch
 
 from fractalsynth.images import ImageError, list_images, load_image, prepare_normal
 
-from .metrics import detection_metrics
+from .metrics import PixelSplit, detection_metrics, split_pixels
 from .model import FractalAD
 from .train import HOLDOUT_FILE, RUN_SCHEMA, RUN_VERSION, pick_device, write_json, write_whole
 
@@ -414,6 +414,15 @@ def _ground_truth(mask_path, shape, image_shape=None) -> np.ndarray:
     return m
 
 
+def _split_at(amap: np.ndarray, mask_path, image_hw, size: int, pixel_resolution: str) -> PixelSplit:
+    """One test image's map split by its ground truth, at the model's size or the image's own."""
+    if pixel_resolution == "model":
+        return split_pixels(amap, _ground_truth(mask_path, (size, size), image_hw))
+    h, w = image_hw
+    return split_pixels(cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR),
+                        _ground_truth(mask_path, image_hw, image_hw))
+
+
 def default_test_dir(run_dir: str, pixel_resolution: str = "model", tta: bool = False,
                      smooth: float = 0.0, map_kind: str = "head", trained: bool = False) -> str:
     """RUN_DIR/test, suffixed by each setting that changes the metrics (e.g. test-combined-trained)."""
@@ -467,21 +476,20 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
     maps, ips = anomaly_maps(model, images, batch_size, tta, norm)
     maps = smooth_maps(maps, smooth)
     smax, smean = image_scores(maps, "max"), image_scores(maps, "mean")
-    if pixel_resolution == "model":
-        px_maps = list(maps)
-        gts = [_ground_truth(mp, (size, size), hw) for mp, hw in zip(ts.mask_paths, sizes)]
-    else:
-        px_maps = [cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) for m, (h, w) in zip(maps, sizes)]
-        gts = [_ground_truth(mp, hw, hw) for mp, hw in zip(ts.mask_paths, sizes)]
     has_px = np.array([m is not None or lab == 0 for m, lab in zip(ts.mask_paths, ts.labels)])
+    # each map is split by its mask as soon as it is made (at the original resolution, upsampled
+    # first): the pixels are held once, as float32, not as maps plus masks
+    splits = [_split_at(maps[i], ts.mask_paths[i], sizes[i], size, pixel_resolution)
+              if has_px[i] else None for i in range(len(maps))]
     types = np.array(ts.types)
     results = {}
     for t in sorted(set(ts.types) - {"good"}) + ["all"]:
         sel = (types == t) | (types == "good") if t != "all" else np.ones(len(types), bool)
         px = np.flatnonzero(sel & has_px)
-        pixel = ([px_maps[i] for i in px], [gts[i] for i in px]) \
-            if (ts.labels[px] == 1).any() else (None, None)
-        results[t] = detection_metrics(smax[sel], smean[sel], ts.labels[sel], *pixel)
+        pixels = [splits[i] for i in px] if (ts.labels[px] == 1).any() else None
+        if t == "all":
+            splits = None  # the last use: merging frees each image's pixels as it copies them
+        results[t] = detection_metrics(smax[sel], smean[sel], ts.labels[sel], pixels=pixels)
     key = "image_threshold" if image_score == "max" else "image_threshold_mean"
     score = {"max": smax, "mean": smean}[image_score]
     operating_point = None

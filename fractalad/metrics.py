@@ -9,9 +9,12 @@ All three are exact and come from the scores split by class, each class sorted o
 (``ClassScores``); every count on the curves is then a binary search. Pixel metrics at the
 original resolution sort tens of millions of values, so the normal pixels are held once, as
 float32, and never paired with an index array: about 10 bytes per pixel at the peak, counting
-the caller's maps and masks.
+the caller's maps and masks. A caller that splits each map as it is made (``split_pixels``) and
+merges the splits once (``merge_splits``) needs about 4.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from skimage.measure import label
@@ -124,6 +127,60 @@ def region_weights(mask):
     return inverse_size[lab[mask]], n
 
 
+@dataclass(frozen=True)
+class PixelSplit:
+    """One map's pixel scores split by its ground-truth mask (float32), with each anomalous
+    pixel's PRO weight (1 / its region's size) and the mask's number of regions."""
+
+    normal: np.ndarray
+    anomalous: np.ndarray
+    weights: np.ndarray
+    n_regions: int
+
+
+def split_pixels(amap, mask) -> PixelSplit:
+    """Split one map by its mask (the same number of pixels, in row-major order)."""
+    g = np.asarray(mask).astype(bool, copy=False)
+    m = np.asarray(amap)
+    if m.size != g.size:
+        raise ValueError(f"a map and its mask differ in size ({m.size} vs {g.size} pixels)")
+    m = m.reshape(g.shape)
+    if not g.any():
+        return PixelSplit(m.reshape(-1).astype(np.float32, copy=False), np.zeros(0, np.float32), np.zeros(0), 0)
+    w, n = region_weights(g)
+    return PixelSplit(m[~g].astype(np.float32, copy=False), m[g].astype(np.float32, copy=False), w, n)
+
+
+def merge_splits(splits: list, consume: bool = False) -> tuple[ClassScores, int]:
+    """(the pixels of ``splits`` as one ClassScores, their number of regions).
+
+    ``consume`` empties the list while its normal pixels are copied, so that a caller holding
+    no other reference never holds them twice.
+    """
+    def taken():
+        for i in range(len(splits)):
+            s, splits[i] = splits[i], None
+            yield s
+
+    n_neg = sum(s.normal.size for s in splits)
+    return _merged(taken() if consume else iter(splits), n_neg)
+
+
+def _merged(splits, n_neg: int) -> tuple[ClassScores, int]:
+    neg = np.empty(n_neg, np.float32)
+    pos, weights, n_regions, at = [], [], 0, 0
+    for s in splits:
+        neg[at:at + s.normal.size] = s.normal
+        at += s.normal.size
+        if s.n_regions:
+            pos.append(s.anomalous)
+            weights.append(s.weights)
+            n_regions += s.n_regions
+    pos = np.concatenate(pos) if pos else np.zeros(0, np.float32)
+    w = np.concatenate(weights) if weights else np.zeros(0)
+    return ClassScores(neg, pos, w, copy=False), n_regions
+
+
 def pixel_scores(maps, masks) -> tuple[ClassScores, int]:
     """Every pixel's score split by its mask, with PRO weights; and the number of regions."""
     maps, masks = list(maps), list(masks)
@@ -132,26 +189,8 @@ def pixel_scores(maps, masks) -> tuple[ClassScores, int]:
     if len(maps) != len(masks) or n_map != n_all:
         raise ValueError(f"maps and masks differ in size ({n_map} vs {n_all} pixels)")
     n_pos = sum(int(np.count_nonzero(g)) for g in masks)
-    # filled in place, one image at a time: a concatenation would hold every pixel twice
-    neg = np.empty(n_all - n_pos, np.float32)
-    pos, weights, n_regions, at = [], [], 0, 0
-    for m, g in zip(maps, masks):
-        g = np.asarray(g).astype(bool, copy=False)
-        m = np.asarray(m)
-        if m.size != g.size:
-            raise ValueError(f"a map and its mask differ in size ({m.size} vs {g.size} pixels)")
-        m = m.reshape(g.shape)
-        normal = m[~g]
-        neg[at:at + normal.size] = normal
-        at += normal.size
-        if g.any():
-            pos.append(m[g].astype(np.float32))
-            w, n = region_weights(g)
-            weights.append(w)
-            n_regions += n
-    pos = np.concatenate(pos) if pos else np.zeros(0, np.float32)
-    w = np.concatenate(weights) if weights else np.zeros(0)
-    return ClassScores(neg, pos, w, copy=False), n_regions
+    # one image split at a time, straight into the merged array: no pixel is held twice
+    return _merged((split_pixels(m, g) for m, g in zip(maps, masks)), n_all - n_pos)
 
 
 def aupro(maps, masks, fpr_limit: float = 0.3) -> float:
@@ -165,14 +204,23 @@ def pixel_metrics(maps, masks, fpr_limit: float = 0.3) -> dict:
 
     ``maps`` and ``masks``: arrays [N, H, W], or lists of 2-D arrays (pairwise the same shape).
     """
-    r, n_regions = pixel_scores(maps, masks)
-    f1, thr = r.f1_max()
-    return {"pixel_AUROC": r.auroc(), "pixel_F1Max": f1, "AUPRO": r.aupro(n_regions, fpr_limit),
-            "pixel_threshold": thr}
+    return split_metrics(*pixel_scores(maps, masks), fpr_limit)
 
 
-def detection_metrics(image_scores_max, image_scores_mean, image_labels, maps=None, masks=None):
-    """anomalib-named metrics: image level for both scores; pixel level where masks exist."""
+def split_metrics(scores: ClassScores, n_regions: int, fpr_limit: float = 0.3) -> dict:
+    """pixel_AUROC, pixel_F1Max (and its threshold) and AUPRO of split pixels (``merge_splits``)."""
+    f1, thr = scores.f1_max()
+    return {"pixel_AUROC": scores.auroc(), "pixel_F1Max": f1,
+            "AUPRO": scores.aupro(n_regions, fpr_limit), "pixel_threshold": thr}
+
+
+def detection_metrics(image_scores_max, image_scores_mean, image_labels, maps=None, masks=None,
+                      pixels: list | None = None):
+    """anomalib-named metrics: image level for both scores; pixel level where masks exist.
+
+    The pixels come as ``maps`` with their ``masks``, or already split (``pixels``: a list of
+    ``PixelSplit``, emptied as it is read).
+    """
     img = ClassScores.from_labels(image_scores_max, image_labels)
     img_mean = ClassScores.from_labels(image_scores_mean, image_labels)
     (f1, thr), (f1_mean, thr_mean) = img.f1_max(), img_mean.f1_max()
@@ -181,6 +229,8 @@ def detection_metrics(image_scores_max, image_scores_mean, image_labels, maps=No
         "image_AUROC_mean": img_mean.auroc(), "image_F1Max_mean": f1_mean,
         "image_threshold_mean": thr_mean,
     }
-    if maps is not None and masks is not None and len(maps):
+    if pixels:
+        out.update(split_metrics(*merge_splits(pixels, consume=True)))
+    elif maps is not None and masks is not None and len(maps):
         out.update(pixel_metrics(maps, masks))
     return out

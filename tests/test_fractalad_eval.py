@@ -12,7 +12,8 @@ from skimage.measure import label
 
 from fractalad.cli import main
 from fractalsynth.images import list_images
-from fractalad.metrics import aupro, auroc, detection_metrics, f1_max, pixel_metrics, pixel_scores
+from fractalad.metrics import (aupro, auroc, detection_metrics, f1_max, merge_splits, pixel_metrics,
+                               pixel_scores, split_metrics, split_pixels)
 from compare import assert_apart, assert_close
 from tiny_data import make_mvtec
 
@@ -108,6 +109,32 @@ def test_pro_curve_in_blocks_equals_one_pass(decimals):
         assert scores.aupro(n_regions, block=block) == pytest.approx(whole, abs=1e-12)
     # the caller's maps are left as they were: only the copy of the normal pixels is sorted
     assert not np.all(np.diff(maps[~masks]) >= 0)
+
+
+def test_maps_split_one_at_a_time_give_the_same_metrics():
+    """test splits each map by its mask as it is made; merged, any selection scores as the maps do."""
+    rng = np.random.default_rng(3)
+    shapes = [(20, 30), (16, 16), (25, 12), (18, 22)]
+    masks = [rng.random(sh) < 0.1 for sh in shapes]
+    masks[1][:] = False
+    masks[1][3:9, 4:12] = True  # one region
+    masks[2][:] = False  # a good image: normal pixels only
+    maps = [np.round(rng.random(sh) * 0.7 + g * 0.3, 2).astype(np.float32) for sh, g in zip(shapes, masks)]
+    splits = [split_pixels(m, g) for m, g in zip(maps, masks)]
+    for pick in ([0, 1, 2, 3], [1, 2], [2, 3]):
+        want = pixel_metrics([maps[i] for i in pick], [masks[i] for i in pick])
+        assert split_metrics(*merge_splits([splits[i] for i in pick])) == want
+    assert all(s is not None for s in splits)  # merged without consume: kept
+    y = np.array([1, 1, 0, 1])
+    got = detection_metrics(y * 0.5, y * 0.5, y, pixels=splits)
+    assert splits == [None] * 4  # consumed: each image's pixels freed as they were copied
+    flat_maps = np.concatenate([m.ravel() for m in maps])
+    flat_masks = np.concatenate([g.ravel() for g in masks])
+    assert got["pixel_AUROC"] == pytest.approx(_brute_auroc(flat_maps, flat_masks), abs=1e-12)
+    assert got["pixel_F1Max"] == pytest.approx(_brute_f1(flat_maps, flat_masks), abs=1e-12)
+    assert got["AUPRO"] == pytest.approx(_brute_aupro(maps, masks), abs=2e-3)
+    with pytest.raises(ValueError, match="differ in size"):
+        split_pixels(np.zeros((3, 3)), np.zeros((3, 4), bool))
 
 
 @pytest.fixture(scope="module")
