@@ -8,7 +8,8 @@
 # seed, each tested with the head's map and the combined map (~5 min each); the CPU's 128 px
 # batch-32 recipe, both mask sources, two seeds; the weights' moving average (--ema); the
 # CUDA-graph tests. One call reaches about the first Magnetic Tile run; the rest fits a second
-# call on the still-warm machine (skip the done checks with SKIP="name ..."; earlier results: docs/results/h100_*.json).
+# call on the still-warm machine (skip the done checks with SKIP="name ..."; earlier results:
+# docs/results/h100_*.json).
 # Needs .gpu/lite0.pth and .gpu/magnetic_tile (carried, git-ignored; benchmarks/prepare_gpu.sh
 # builds both).
 # Results: one JSON line per check on stdout and in $OUT/*.json. BUDGET (s, default 580) caps
