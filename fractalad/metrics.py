@@ -9,8 +9,8 @@ All three are exact and come from the scores split by class, each class sorted o
 (``ClassScores``); every count on the curves is then a binary search. Pixel metrics at the
 original resolution sort tens of millions of values, so the normal pixels are held once, as
 float32, and never paired with an index array: about 10 bytes per pixel at the peak, counting
-the caller's maps and masks. A caller that splits each map as it is made (``split_pixels``) and
-merges the splits once (``merge_splits``) needs about 4.
+the caller's maps and masks. A caller that splits each map as it is made (``split_pixels``)
+holds no maps: each pixel once as a float32 score, plus the copy that ``merge_splits`` sorts.
 """
 from __future__ import annotations
 
@@ -146,9 +146,11 @@ def split_pixels(amap, mask) -> PixelSplit:
         raise ValueError(f"a map and its mask differ in size ({m.size} vs {g.size} pixels)")
     m = m.reshape(g.shape)
     if not g.any():
-        return PixelSplit(m.reshape(-1).astype(np.float32, copy=False), np.zeros(0, np.float32), np.zeros(0), 0)
+        normal = m.reshape(-1).astype(np.float32, copy=False)
+        return PixelSplit(normal, np.zeros(0, np.float32), np.zeros(0), 0)
     w, n = region_weights(g)
-    return PixelSplit(m[~g].astype(np.float32, copy=False), m[g].astype(np.float32, copy=False), w, n)
+    return PixelSplit(m[~g].astype(np.float32, copy=False), m[g].astype(np.float32, copy=False),
+                      w, n)
 
 
 def merge_splits(splits: list, consume: bool = False) -> tuple[ClassScores, int]:
