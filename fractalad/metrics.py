@@ -216,13 +216,10 @@ def split_metrics(scores: ClassScores, n_regions: int, fpr_limit: float = 0.3) -
             "AUPRO": scores.aupro(n_regions, fpr_limit), "pixel_threshold": thr}
 
 
-def detection_metrics(image_scores_max, image_scores_mean, image_labels, maps=None, masks=None,
+def detection_metrics(image_scores_max, image_scores_mean, image_labels,
                       pixels: list | None = None):
-    """anomalib-named metrics: image level for both scores; pixel level where masks exist.
-
-    The pixels come as ``maps`` with their ``masks``, or already split (``pixels``: a list of
-    ``PixelSplit``, emptied as it is read).
-    """
+    """anomalib-named metrics: image level for both scores; pixel level given ``pixels``, a list
+    of ``PixelSplit`` (one per image with a mask; emptied as it is read)."""
     img = ClassScores.from_labels(image_scores_max, image_labels)
     img_mean = ClassScores.from_labels(image_scores_mean, image_labels)
     (f1, thr), (f1_mean, thr_mean) = img.f1_max(), img_mean.f1_max()
@@ -233,6 +230,4 @@ def detection_metrics(image_scores_max, image_scores_mean, image_labels, maps=No
     }
     if pixels:
         out.update(split_metrics(*merge_splits(pixels, consume=True)))
-    elif maps is not None and masks is not None and len(maps):
-        out.update(pixel_metrics(maps, masks))
     return out
