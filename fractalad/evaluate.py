@@ -149,6 +149,8 @@ NORM_QUANTILES = (0.9, 0.995)
 NORMALS_QUANTILE = 0.99  # calibrate's default: 1 % of normals flagged
 CALIBRATION_IMAGES = 200
 THRESHOLDS_FILE = "thresholds.json"
+TEST_SCORES_FILE = "scores.csv"  # test's per-image scores, beside metrics.json
+TEST_SCORES_HEADER = ["path", "type", "label", "score_max", "score_mean"]
 
 
 def flip_averaged_map(map_fn, x: torch.Tensor) -> torch.Tensor:
@@ -439,7 +441,7 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
              n_overlays: int = 8, batch_size: int = 32, pixel_resolution: str = "model",
              tta: bool = False, smooth: float = 0.0, map_kind: str = "head",
              image_score: str = "max", trained: bool = False) -> dict:
-    """Score the test set: metrics.json, a table, thresholds, overlays of worst / best cases.
+    """Score the test set: metrics.json, per-image scores.csv, a table, thresholds, overlays.
 
     ``pixel_resolution``: 'model' scores pixels at the model's input size; 'original' upsamples
     each map to its image's own size (MVTec's convention; slower on large images). ``tta``:
@@ -515,6 +517,9 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
               "calibration": calibration,
               "held_out_operating_point": operating_point}
     write_json(os.path.join(out, "metrics.json"), report)
+    rows = [[p, t, int(lab), f"{a:.6f}", f"{b:.6f}"]
+            for p, t, lab, a, b in zip(ts.paths, ts.types, ts.labels, smax, smean)]
+    write_whole(os.path.join(out, TEST_SCORES_FILE), lambda tmp: _write_rows(tmp, [TEST_SCORES_HEADER, *rows]))
     write_json(os.path.join(run_dir, THRESHOLDS_FILE), thresholds)
     imgs_hwc = images.transpose(0, 2, 3, 1)
     defect = np.flatnonzero(ts.labels == 1)

@@ -1,3 +1,4 @@
+import csv
 import dataclasses
 import json
 import os
@@ -164,6 +165,16 @@ def test_test_predict_export_end_to_end(tiny_run, tmp_path):
     assert set(report["metrics"]) == {"spot", "all"}
     assert 0 <= report["metrics"]["all"]["AUPRO"] <= 1
     assert any(f.startswith("worst_good") for f in os.listdir(os.path.join(run, "test")))
+    with open(os.path.join(run, "test", "scores.csv")) as fh:
+        scored = list(csv.DictReader(fh))
+    assert len(scored) == report["n_images"] and {r["type"] for r in scored} == {"good", "spot"}
+    labels = np.array([int(r["label"]) for r in scored])
+    assert (labels == np.array([r["type"] != "good" for r in scored])).all()
+    # the per-image scores are the ones the metrics were computed from
+    assert auroc(np.array([float(r["score_max"]) for r in scored]), labels) == pytest.approx(
+        report["metrics"]["all"]["image_AUROC"], abs=1e-4)
+    assert auroc(np.array([float(r["score_mean"]) for r in scored]), labels) == pytest.approx(
+        report["metrics"]["all"]["image_AUROC_mean"], abs=1e-4)
     out = str(tmp_path / "pred")
     res = r.invoke(main, ["predict", run, os.path.join(data, "test", "spot"), "--out", out,
                           "--device", "cpu"])
