@@ -519,7 +519,8 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
     write_json(os.path.join(out, "metrics.json"), report)
     rows = [[p, t, int(lab), f"{a:.6f}", f"{b:.6f}"]
             for p, t, lab, a, b in zip(ts.paths, ts.types, ts.labels, smax, smean)]
-    write_whole(os.path.join(out, TEST_SCORES_FILE), lambda tmp: _write_rows(tmp, [TEST_SCORES_HEADER, *rows]))
+    write_whole(os.path.join(out, TEST_SCORES_FILE),
+                lambda tmp: _write_rows(tmp, [TEST_SCORES_HEADER, *rows]))
     write_json(os.path.join(run_dir, THRESHOLDS_FILE), thresholds)
     imgs_hwc = images.transpose(0, 2, 3, 1)
     defect = np.flatnonzero(ts.labels == 1)
