@@ -96,7 +96,7 @@ def resize(image: np.ndarray, height: int, width: int, nearest: bool = False) ->
     if (h, w) == (height, width):
         return image
     keep_axis = image.ndim == 3
-    if not nearest and (height < h) != (width < w) and height != h and width != w:
+    if not nearest and (height - h) * (width - w) < 0:
         # one axis shrinks, the other grows: shrink first (area filter), then stretch, since a
         # bilinear pass over both would alias the shrinking axis (tall narrow tiles, say)
         image = resize(image, height, w) if height < h else resize(image, h, width)
