@@ -134,6 +134,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--holdout", type=float, default=0.0,
                     help="fraction of train/good kept out of the shards (calibrates --combined)")
+    ap.add_argument("--pieces", default="off",
+                    help="cut tiles into pieces of this width / height before resizing ('auto': "
+                         "the normals' median), in training and test (generate --pieces)")
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one, removed)")
     args = ap.parse_args(argv)
     if args.cooldown_steps and args.decay_steps:
@@ -142,7 +145,7 @@ def main(argv=None):
     import torch
 
     from fractalsynth.anomaly import AnomalyConfig, parse_mix
-    from fractalsynth.generate import generate
+    from fractalsynth.generate import generate, resolve_piece_aspect
     from fractalad.train import FitConfig, fit
 
     try:  # bad synthesis options fail here, before any work, as one line
@@ -151,6 +154,8 @@ def main(argv=None):
                               region=_range(args.region), content=parse_mix(args.content, "content"),
                               min_contrast=args.min_contrast, thin=args.thin,
                               thin_width=_range(args.thin_width, int), dilate_iterations=args.dilate)
+        if args.pieces != "auto":
+            resolve_piece_aspect(args.pieces, [])
     except ValueError as e:
         ap.error(str(e))
     work = args.out or tempfile.mkdtemp(prefix="bench_mtd_")
@@ -167,7 +172,7 @@ def main(argv=None):
     shards = os.path.join(work, "shards")
     generate(os.path.join(args.data, "train", "good"), shards, n, synth, seed=args.seed,
              shard_size=min(n, 10000), workers=os.cpu_count() or 1, log=lambda m: None,
-             holdout=args.holdout)
+             holdout=args.holdout, pieces=args.pieces)
     seconds["generate"] = time.perf_counter() - t
     t = time.perf_counter()
     run = os.path.join(work, "run")
@@ -197,7 +202,7 @@ def main(argv=None):
         "cut_scale": args.cut_scale, "region": args.region, "content": args.content,
         "min_contrast": args.min_contrast, "thin": args.thin, "thin_width": args.thin_width,
         "dilate": args.dilate, "pixel_resolution": args.pixel_resolution, "smooth": args.smooth,
-        "seed": args.seed, "holdout": args.holdout,
+        "seed": args.seed, "holdout": args.holdout, "pieces": args.pieces,
         "size": args.size, "steps": summary["steps"], "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
         "train_samples_per_s": round(summary["samples_per_s"], 1),

@@ -18,7 +18,8 @@ import cv2
 import numpy as np
 import torch
 
-from fractalsynth.images import ImageError, list_images, load_image, prepare_normal
+from fractalsynth.images import (ImageError, list_images, load_image, piece_boxes, prepare_normal,
+                                 resize)
 
 from .metrics import PixelSplit, detection_metrics, split_pixels
 from .model import FractalAD
@@ -121,25 +122,60 @@ def read_test_set(root: str) -> TestSet:
 
 
 def preprocess(paths, size: int, channels: int, sizes: list | None = None,
-               skipped: list | None = None) -> np.ndarray:
+               skipped: list | None = None, aspect: float = 0.0,
+               boxes: list | None = None) -> np.ndarray:
     """uint8 [N, C, S, S] images prepared like the training normals (original sizes to ``sizes``;
-    with a ``skipped`` list, unreadable images are left out and their errors appended to it)."""
+    with a ``skipped`` list, unreadable images are left out and their errors appended to it).
+
+    ``aspect`` > 0 (a run trained on ``generate --pieces``): each image is cut like the normals
+    were, the pieces are returned instead, and ``boxes`` gets each image's ``canvas_boxes``.
+    """
     out = []
     for p in paths:
         try:
             img = load_image(p)
-            out.append(prepare_normal(img, size, channels))
+            if aspect:
+                cuts = piece_boxes(img.shape[0], img.shape[1], aspect)
+                pieces = [prepare_normal(img[t:b, l:r], size, channels) for t, b, l, r in cuts]
+            else:
+                pieces = [prepare_normal(img, size, channels)]
         except ImageError as e:
             error = e if e.path else ImageError(f"{p}: {e}", p)
             if skipped is None:
                 raise error from None
             skipped.append(error)
             continue
+        out += pieces
         if sizes is not None:
             sizes.append(img.shape[:2])
+        if aspect and boxes is not None:
+            boxes.append(canvas_boxes(cuts, img.shape[:2], size))
     if not out:
         return np.zeros((0, channels, size, size), np.uint8)
     return np.stack(out).transpose(0, 3, 1, 2)
+
+
+def canvas_boxes(cuts, image_hw, size: int) -> list[tuple[int, int, int, int]]:
+    """Pieces' (top, bottom, left, right) in an image of ``image_hw``, scaled to a S x S canvas."""
+    h, w = image_hw
+    return [(round(t * size / h), round(b * size / h), round(l * size / w), round(r * size / w))
+            for t, b, l, r in cuts]
+
+
+def stitch(pieces: np.ndarray, boxes: list, size: int) -> np.ndarray:
+    """Per image, its pieces (maps [P, S, S] or images [P, C, S, S]) resized into their
+    ``canvas_boxes`` of one S x S canvas: [N, ..., S, S], as if the image had been stretched."""
+    channels_first = pieces.ndim == 4
+    hwc = pieces.transpose(0, 2, 3, 1) if channels_first else pieces
+    out = np.empty((len(boxes), size, size, *hwc.shape[3:]), pieces.dtype)
+    k = 0
+    for n, image_boxes in enumerate(boxes):
+        for t, b, l, r in image_boxes:
+            out[n, t:b, l:r] = resize(hwc[k], b - t, r - l)
+            k += 1
+    if k != len(pieces):
+        raise ValueError(f"{len(pieces)} pieces, but the boxes place {k}")
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2)) if channels_first else out
 
 
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both
@@ -217,6 +253,16 @@ def anomaly_maps(model: FractalAD, images_u8: np.ndarray, batch_size: int = 32, 
     return (norm.combine(maps) if norm is not None else maps[:, 0]), ips
 
 
+def image_maps(model: FractalAD, inputs: np.ndarray, boxes: list, size: int, batch_size: int = 32,
+               tta: bool = False, norm: MapNorm | None = None):
+    """(maps [N, S, S], images [N, C, S, S], images/s) of ``preprocess``'s output: with
+    ``boxes`` (a pieces run), each image's pieces and their maps are stitched together."""
+    maps, ips = anomaly_maps(model, inputs, batch_size, tta, norm)
+    if not boxes:
+        return maps, inputs, ips
+    return stitch(maps, boxes, size), stitch(inputs, boxes, size), ips * len(boxes) / len(inputs)
+
+
 def fit_map_norm(model: FractalAD, normals_u8: np.ndarray, batch_size: int = 32,
                  tta: bool = False) -> MapNorm:
     """The MapNorm of uint8 normal images [N, C, S, S] (distillation runs only)."""
@@ -234,8 +280,10 @@ def _normals_maps(model: FractalAD, normals_u8: np.ndarray, batch_size: int, tta
     return norm, norm.combine(pairs)
 
 
-def calibration_images(data: str, size: int, channels: int, limit: int = CALIBRATION_IMAGES):
-    """Up to ``limit`` images of DATA/train/good, evenly spaced in name order, prepared."""
+def calibration_images(data: str, size: int, channels: int, limit: int = CALIBRATION_IMAGES,
+                       aspect: float = 0.0, boxes: list | None = None):
+    """Up to ``limit`` images of DATA/train/good, evenly spaced in name order, prepared (cut
+    into pieces with ``aspect``, as ``preprocess``)."""
     folder = os.path.join(data, "train", "good")
     if not os.path.isdir(folder):
         raise ImageError(f"{folder}: missing; --map combined calibrates on the normal training "
@@ -244,7 +292,7 @@ def calibration_images(data: str, size: int, channels: int, limit: int = CALIBRA
     if not paths:
         raise ImageError(f"{folder}: no images inside; --map combined needs normal images there")
     pick = np.unique(np.linspace(0, len(paths) - 1, min(limit, len(paths))).round().astype(int))
-    return preprocess([paths[i] for i in pick], size, channels)
+    return preprocess([paths[i] for i in pick], size, channels, aspect=aspect, boxes=boxes)
 
 
 def _load_run_for_map(run_dir: str, device: str, map_kind: str, trained: bool = False):
@@ -271,16 +319,19 @@ def held_out_normals(run_dir: str) -> np.ndarray | None:
                        "DATA/train/good) or re-run 'fractalad fit'") from None
 
 
-def calibration_normals(run_dir: str, data: str | None, size: int, channels: int) -> tuple[np.ndarray, str]:
-    """(normals, where from): the run's held-out ones, else DATA/train/good (``data`` given)."""
+def calibration_normals(run_dir: str, data: str | None, size: int, channels: int,
+                        aspect: float = 0.0, boxes: list | None = None) -> tuple[np.ndarray, str]:
+    """(normals, where from): the run's held-out ones, else DATA/train/good (``data`` given;
+    ``aspect`` and ``boxes`` as for ``preprocess``)."""
     held = held_out_normals(run_dir)
     if held is not None:
         return held, f"{len(held)} held-out normals ({HOLDOUT_FILE})"
     if data is None:
         raise RunError(f"{run_dir}: no held-out normals; pass --normals DIR (good images not "
                        "used in training), or train on shards made with --holdout")
-    images = calibration_images(data, size, channels)
-    return images, f"{len(images)} images of DATA/train/good (seen in training)"
+    images = calibration_images(data, size, channels, aspect=aspect, boxes=boxes)
+    count = len(boxes) if aspect and boxes is not None else len(images)
+    return images, f"{count} images of DATA/train/good (seen in training)"
 
 
 def calibrate_run(run_dir: str, normals: str | None = None, quantile: float = NORMALS_QUANTILE,
@@ -302,12 +353,16 @@ def calibrate_run(run_dir: str, normals: str | None = None, quantile: float = NO
         raise ValueError(f"quantile must be in (0, 1], got {quantile}")
     _check_image_score(image_score)
     model, meta = _load_run_for_map(run_dir, device, map_kind, trained)
+    aspect, boxes = meta.get("piece_aspect", 0.0), []
     if normals is None:
         images, source = calibration_normals(run_dir, None, meta["size"], meta["channels"])
     else:
-        images = preprocess(list_images(normals), meta["size"], meta["channels"])
-        source = f"{len(images)} images of {os.path.abspath(normals)}"
+        images = preprocess(list_images(normals), meta["size"], meta["channels"], aspect=aspect,
+                            boxes=boxes)
+        source = f"{len(boxes) if aspect else len(images)} images of {os.path.abspath(normals)}"
     norm, maps = _normals_maps(model, images, batch_size, tta, map_kind)
+    if boxes:  # the scales come from every piece, each image's scores from its pieces stitched
+        maps = stitch(maps, boxes, meta["size"])
     maps = smooth_maps(maps, smooth)
     scores = image_scores(maps, image_score)
     threshold = float(np.quantile(scores, quantile))
@@ -464,18 +519,18 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
     ts = read_test_set(data)
     out = out or default_test_dir(run_dir, pixel_resolution, tta, smooth, map_kind, trained)
     os.makedirs(out, exist_ok=True)
-    size, ch = meta["size"], meta["channels"]
+    size, ch, aspect = meta["size"], meta["channels"], meta.get("piece_aspect", 0.0)
     t0 = time.perf_counter()
     norm, calibration, held_maps = None, None, None
     held = held_out_normals(run_dir)
     if map_kind == "combined":
-        normals, calibration = calibration_normals(run_dir, data, size, ch)
+        normals, calibration = calibration_normals(run_dir, data, size, ch, aspect, [])
         norm, normal_maps = _normals_maps(model, normals, batch_size, tta, map_kind)
         if held is not None:  # calibration_normals took the held-out ones: their maps are made
             held_maps = normal_maps
-    sizes = []
-    images = preprocess(ts.paths, size, ch, sizes)
-    maps, ips = anomaly_maps(model, images, batch_size, tta, norm)
+    sizes, boxes = [], []
+    inputs = preprocess(ts.paths, size, ch, sizes, aspect=aspect, boxes=boxes)
+    maps, images, ips = image_maps(model, inputs, boxes, size, batch_size, tta, norm)
     maps = smooth_maps(maps, smooth)
     smax, smean = image_scores(maps, "max"), image_scores(maps, "mean")
     has_px = np.array([m is not None or lab == 0 for m, lab in zip(ts.mask_paths, ts.labels)])
@@ -696,7 +751,7 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
                                f"{_setting(option, now[option])}, or pass --threshold")
     norm = saved_map_norm(run_dir) if map_kind == "combined" else None
     scale = display_scale(map_kind, thresholds["pixel"])
-    size, ch = meta["size"], meta["channels"]
+    size, ch, aspect = meta["size"], meta["channels"], meta.get("piece_aspect", 0.0)
     settings = {"run": os.path.abspath(run_dir), "model_sha256": _file_sha256(os.path.join(run_dir, "model.pt")),
                 "map": map_kind, "image_score": image_score, "tta": tta, "smooth": smooth,
                 "trained": trained, "image_threshold": float(thresholds["image"]),
@@ -718,9 +773,10 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
     with open(csv_path, "a", newline="") as fh:
         w = csv.writer(fh)
         for s in range(0, len(named), batch_size):
-            chunk, sizes, bad = named[s:s + batch_size], [], []
+            chunk, sizes, bad, boxes = named[s:s + batch_size], [], [], []
             try:
-                imgs = preprocess([p for p, _ in chunk], size, ch, sizes, bad if skip_bad else None)
+                inputs = preprocess([p for p, _ in chunk], size, ch, sizes, bad if skip_bad else None,
+                                    aspect, boxes)
             except ImageError as e:
                 raise ImageError(f"{e} (--skip-bad leaves such files out; --resume keeps the "
                                  "rows written so far)") from None
@@ -730,7 +786,8 @@ def predict(run_dir: str, inputs, out: str, threshold: float | None = None,
             chunk = [(p, name) for p, name in chunk if p not in left_out]
             if not chunk:
                 continue
-            maps = smooth_maps(anomaly_maps(model, imgs, batch_size, tta, norm)[0], smooth)
+            maps, imgs, _ = image_maps(model, inputs, boxes, size, batch_size, tta, norm)
+            maps = smooth_maps(maps, smooth)
             decided = image_scores(maps, image_score)
             for (p, name), img, m, score, (h0, w0) in zip(chunk, imgs.transpose(0, 2, 3, 1), maps,
                                                           decided, sizes):

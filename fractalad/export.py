@@ -3,7 +3,10 @@ anomaly map [B, 1, S, S]: the head's sigmoid, or the combined map ``test --map c
 
 Both formats take the run's own size S only. Tracing records S in the model (the backbone's
 TF-"same" padding, the flow head's sampling grids), so another size would run and give wrong
-maps: the TorchScript file checks the shape and raises, ONNX declares it fixed."""
+maps: the TorchScript file checks the shape and raises, ONNX declares it fixed. A run trained
+on pieces (``generate --pieces``) takes pieces: its ``piece_aspect`` is saved with the model
+(TorchScript extra file, ONNX metadata) so that a caller can cut images with
+``fractalsynth.images.piece_boxes``."""
 from __future__ import annotations
 
 import io
@@ -75,10 +78,11 @@ def export_run(run_dir: str, fmt: str, out: str, batch_size: int = 1, map_kind: 
         raise OSError(f"{out}: not writable; choose another --out")
     with torch.no_grad():
         size = str(meta["size"])
+        aspect = str(meta.get("piece_aspect", 0.0))
         if fmt == "torchscript":
             traced = torch.jit.trace(wrapper, example)
             torch.jit.script(ShapeChecked(traced, meta["channels"], meta["size"])).save(
-                out, _extra_files={"input_size": size.encode()})
+                out, _extra_files={"input_size": size.encode(), "piece_aspect": aspect.encode()})
         else:
             import onnx
             buffer = io.BytesIO()  # in memory: the file is written once, metadata included
@@ -87,6 +91,7 @@ def export_run(run_dir: str, fmt: str, out: str, batch_size: int = 1, map_kind: 
                               dynamic_axes={"images": {0: "batch"}, "anomaly_map": {0: "batch"}},
                               dynamo=False)
             exported = onnx.load_model_from_string(buffer.getvalue())
-            onnx.helper.set_model_props(exported, {"input_size": size, "map": map_kind})
+            onnx.helper.set_model_props(exported, {"input_size": size, "map": map_kind,
+                                                   "piece_aspect": aspect})
             onnx.save(exported, out)
     return out

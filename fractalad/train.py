@@ -425,6 +425,8 @@ def run_metadata(cfg: FitConfig, shards_dir: str, trainer: Trainer) -> dict:
             "fit": asdict(cfg), "shards": os.path.abspath(shards_dir),
             "size": trainer.shards.size, "channels": trainer.shards.channels,
             "shards_params_hash": trainer.shards.manifest["params_hash"],
+            # > 0: the normals were cut into pieces of this width / height; test images are too
+            "piece_aspect": float(trainer.shards.params.get("piece_aspect", 0.0)),
             # float sums depend on how a step's work is split: the same seed repeats the same
             # weights only with the same torch and, on the CPU, the same number of threads
             "torch": torch.__version__, "threads": torch.get_num_threads()}

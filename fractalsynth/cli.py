@@ -260,10 +260,14 @@ def preview(dataset, normals, n, out, seed, columns, textures, **kw):
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (listed) instead of failing.")
 @click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Fraction of the normals kept out of training (seeded), for calibration.")
+@click.option("--pieces", default="off", show_default=True, metavar="off|auto|ASPECT",
+              help="Cut each normal along its long side into pieces of about this width / height "
+                   "('auto': the normals' median) before resizing, so long images are not "
+                   "squeezed; fractalad cuts test images alike.")
 @synth_options
 @_fail_cleanly
-def generate(normals, n, out, seed, workers, shard_size, shard_range, skip_bad, holdout, textures,
-             **kw):
+def generate(normals, n, out, seed, workers, shard_size, shard_range, skip_bad, holdout, pieces,
+             textures, **kw):
     """Precompute a sharded HDF5 anomaly dataset from a folder of normal images."""
     from .generate import generate as run
     cfg = _synth_config(**kw)
@@ -281,7 +285,8 @@ def generate(normals, n, out, seed, workers, shard_size, shard_range, skip_bad, 
     t = time.perf_counter()
     with _LazyBar(total, "generate") as bar:
         summary = run(normals, out, n, cfg, seed, shard_size, workers, sr, skip_bad, tex, digest,
-                      progress=bar.update, log=lambda m: bar.write(m), holdout=holdout)
+                      progress=bar.update, log=lambda m: bar.write(m), holdout=holdout,
+                      pieces=pieces)
     dt = time.perf_counter() - t
     click.echo(f"{out}: shards {summary['shards']} ready ({summary['made']} samples made in "
                f"{dt:.1f}s)" + ("; manifest written" if "manifest" in summary else

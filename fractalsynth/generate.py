@@ -19,7 +19,8 @@ import numpy as np
 from . import __version__
 from .anomaly import AnomalyConfig, synthesize_record
 from .color import mean_luma
-from .images import ImageError, channels_of, list_images, load_image, prepare_normal, to_channels
+from .images import (ImageError, channels_of, list_images, load_image, median_aspect, piece_boxes,
+                     prepare_normal, to_channels)
 from .placement import find_foreground
 from .rng import sample_rng
 from .shards import (MANIFEST_FILE, NORMALS_FILE, PARAMS_FILE, ShardError,
@@ -39,13 +40,14 @@ class Normals:
     sources: list | None  # full-resolution images, for resolution='source'
     foregrounds: list
     skipped: list
+    piece_aspect: float = 0.0  # > 0: each image was cut into pieces of about this width / height
 
     def subset(self, idx) -> "Normals":
         """The normals at positions ``idx`` (skipped-file notes kept)."""
         def pick(seq):
             return None if seq is None else [seq[i] for i in idx]
         return Normals(self.images[idx], self.means[idx], pick(self.names), pick(self.sources),
-                       pick(self.foregrounds), self.skipped)
+                       pick(self.foregrounds), self.skipped, self.piece_aspect)
 
 
 def holdout_indices(count: int, fraction: float, seed: int) -> np.ndarray:
@@ -74,8 +76,37 @@ def _check_memory(folder: str, count: int, size: int, channels: int) -> None:
                          "--size or use fewer images")
 
 
-def read_normals(folder: str, cfg: AnomalyConfig, skip_bad: bool = False, progress=None) -> Normals:
-    """Load, convert and resize every image under ``folder`` (recursively)."""
+def resolve_piece_aspect(pieces, shapes) -> float:
+    """The piece aspect (width / height) ``pieces`` asks for: 0 for whole images (None, 0,
+    'off'), the median of ``shapes`` for 'auto', else the number itself."""
+    if pieces in (None, 0, "off"):
+        return 0.0
+    if pieces == "auto":
+        return median_aspect(shapes)
+    try:
+        aspect = float(pieces)
+    except (TypeError, ValueError):
+        aspect = float("nan")
+    if not aspect > 0 or aspect == float("inf"):
+        raise ValueError(f"pieces must be 'auto', 'off' or a width / height above 0, got {pieces!r}")
+    return aspect
+
+
+def cut_into_pieces(images: list, names: list, aspect: float) -> tuple[list, list]:
+    """Each image cut by ``piece_boxes``; a piece of a cut image is named ``name#k``."""
+    pieces, piece_names = [], []
+    for img, name in zip(images, names):
+        boxes = piece_boxes(img.shape[0], img.shape[1], aspect)
+        for k, (top, bottom, left, right) in enumerate(boxes):
+            pieces.append(img[top:bottom, left:right])
+            piece_names.append(name if len(boxes) == 1 else f"{name}#{k}")
+    return pieces, piece_names
+
+
+def read_normals(folder: str, cfg: AnomalyConfig, skip_bad: bool = False, progress=None,
+                 pieces=None) -> Normals:
+    """Load, convert and resize every image under ``folder`` (recursively); with ``pieces``
+    (see ``resolve_piece_aspect``), each image is first cut into pieces of about one aspect."""
     paths = list_images(folder)
     raw, names, skipped = [], [], []
     for p in paths:
@@ -90,6 +121,9 @@ def read_normals(folder: str, cfg: AnomalyConfig, skip_bad: bool = False, progre
             progress(1)
     if not raw:
         raise ImageError(f"{folder}: none of the {len(paths)} images could be read")
+    aspect = resolve_piece_aspect(pieces, [r.shape for r in raw])
+    if aspect:
+        raw, names = cut_into_pieces(raw, names, aspect)
     if cfg.channels == "auto":
         ch = 3 if any(channels_of(r) == 3 for r in raw) else 1
     else:
@@ -101,7 +135,7 @@ def read_normals(folder: str, cfg: AnomalyConfig, skip_bad: bool = False, progre
     fgs = [None] * len(raw)
     if cfg.placement != "uniform":
         fgs = [find_foreground(s) for s in (sources or images)]
-    return Normals(images, means, names, sources, fgs, skipped)
+    return Normals(images, means, names, sources, fgs, skipped, aspect)
 
 
 def dataset_params(cfg: AnomalyConfig, seed: int, n: int, shard_size: int, normals: Normals,
@@ -115,6 +149,8 @@ def dataset_params(cfg: AnomalyConfig, seed: int, n: int, shard_size: int, norma
     }
     if holdout:  # absent when 0, so datasets made before the option still resume
         params["holdout"] = float(holdout)
+    if normals.piece_aspect:  # read by fractalad: test images are cut alike
+        params["piece_aspect"] = normals.piece_aspect
     return params
 
 
@@ -188,11 +224,14 @@ def generate(normals_dir: str, out_dir: str, n: int, cfg: AnomalyConfig | None =
              seed: int = 0, shard_size: int = 10000, workers: int = 1,
              shard_range: tuple[int, int] | None = None, skip_bad: bool = False,
              textures=None, textures_digest: str | None = None, progress=None,
-             log=print, holdout: float = 0.0) -> dict:
+             log=print, holdout: float = 0.0, pieces=None) -> dict:
     """Build (or finish) the dataset in ``out_dir``; returns a summary dict.
 
     ``holdout``: a seeded fraction of the normals kept out of every sample and stored apart
     in the normals file, so a model trained on the dataset can be calibrated on unseen images.
+    ``pieces``: 'auto' (the normals' median aspect), a width / height, or None / 'off': cut each
+    normal along its long side into pieces of about that aspect before it is resized, so that
+    long images are not squeezed; fractalad cuts test images the same way.
     """
     cfg = cfg or AnomalyConfig()
     if n <= 0:
@@ -208,8 +247,13 @@ def generate(normals_dir: str, out_dir: str, n: int, cfg: AnomalyConfig | None =
                          f"({n} samples in shards of {shard_size})")
     if "texture" in [c for c, w in cfg.content if w > 0] and not textures:
         raise ValueError("content 'texture' needs --textures DIR")
+    cutting = pieces == "auto" or resolve_piece_aspect(pieces, []) > 0  # checks it early, too
+    if holdout and cutting:
+        # held-out pieces would be scored one piece at a time, but images as the max of theirs
+        raise ValueError("--holdout and --pieces can not be combined yet; calibrate a pieces "
+                         "model with 'fractalad calibrate RUN --normals DIR' instead")
     os.makedirs(out_dir, exist_ok=True)
-    normals = read_normals(normals_dir, cfg, skip_bad)
+    normals = read_normals(normals_dir, cfg, skip_bad, pieces=pieces)
     for s in normals.skipped:
         log(f"skipped: {s}")
     held = None

@@ -128,3 +128,23 @@ def resize(image: np.ndarray, height: int, width: int, nearest: bool = False) ->
 def prepare_normal(image: np.ndarray, size: int, channels: int) -> np.ndarray:
     """The normal image as the model sees it: size x size x channels, uint8."""
     return resize(to_channels(image, channels), size, size)
+
+
+def piece_boxes(height: int, width: int, aspect: float) -> list[tuple[int, int, int, int]]:
+    """(top, bottom, left, right) of each piece, row by row: the image cut into
+    round(width / height / aspect) equal pieces across, or round(height / width * aspect) down."""
+    if not aspect > 0:
+        raise ValueError(f"a piece aspect must be > 0, got {aspect}")
+    ratio = (width / height) / aspect
+    # never both above 1; and no piece thinner than a pixel
+    across, down = min(width, max(1, round(ratio))), min(height, max(1, round(1 / ratio)))
+    ys = np.linspace(0, height, down + 1).round().astype(int)
+    xs = np.linspace(0, width, across + 1).round().astype(int)
+    return [(int(ys[i]), int(ys[i + 1]), int(xs[j]), int(xs[j + 1]))
+            for i in range(down) for j in range(across)]
+
+
+def median_aspect(shapes) -> float:
+    """The median width over the median height of images of ``shapes`` ((height, width, ...))."""
+    shapes = list(shapes)
+    return float(np.median([s[1] for s in shapes]) / np.median([s[0] for s in shapes]))

@@ -251,3 +251,24 @@ def test_label_dilation_grows_only_the_mask():
         assert np.array_equal(m2, cv2.dilate(m0, k, iterations=2))
     with pytest.raises(ValueError, match="dilate"):
         AnomalyConfig(dilate_iterations=-1)
+
+
+@pytest.mark.parametrize("h, w, aspect, count", [(300, 600, 0.82, 2), (300, 270, 0.82, 1),
+                                                 (300, 122, 0.82, 2), (40, 400, 1.0, 10),
+                                                 (3, 1000, 1.0, 333), (1, 5, 0.01, 5),
+                                                 (7, 2, 500.0, 7)])
+def test_piece_boxes_tile_the_image_along_its_long_side(h, w, aspect, count):
+    from fractalsynth.images import piece_boxes
+    boxes = piece_boxes(h, w, aspect)
+    assert len(boxes) == count
+    cover = np.zeros((h, w), int)
+    for top, bottom, left, right in boxes:
+        assert bottom > top and right > left  # no empty piece, however thin the image
+        cover[top:bottom, left:right] += 1
+    assert (cover == 1).all()  # every pixel in exactly one piece
+    # cut one way only, into pieces equal to within a pixel
+    assert len({(b[0], b[1]) for b in boxes}) == 1 or len({(b[2], b[3]) for b in boxes}) == 1
+    sides = [max(b[1] - b[0], b[3] - b[2]) if len(boxes) > 1 else 0 for b in boxes]
+    assert max(sides) - min(sides) <= 1
+    with pytest.raises(ValueError, match="aspect"):
+        piece_boxes(h, w, 0)

@@ -696,3 +696,88 @@ def test_default_test_dir_names_the_settings():
     assert default_test_dir("r", "original", True, 2.0, "combined", True) == \
         os.path.join("r", "test-combined-trained-tta-smooth2-original")
     assert default_test_dir("r", smooth=0.5) == os.path.join("r", "test-smooth0.5")
+
+
+def test_stitch_places_each_piece_in_its_canvas_box():
+    from fractalad.evaluate import canvas_boxes, stitch
+    from fractalsynth.images import piece_boxes
+    cuts = piece_boxes(40, 130, 1.0)  # 3 across
+    boxes = [canvas_boxes(cuts, (40, 130), 16), [(0, 16, 0, 16)]]
+    assert boxes[0] == [(0, 16, 0, 5), (0, 16, 5, 11), (0, 16, 11, 16)]
+    maps = np.stack([np.full((16, 16), k, np.float32) for k in range(4)])
+    out = stitch(maps, boxes, 16)
+    assert out.shape == (2, 16, 16) and out.dtype == np.float32
+    assert (out[0, :, :5] == 0).all() and (out[0, :, 5:11] == 1).all() and (out[0, :, 11:] == 2).all()
+    assert (out[1] == 3).all()
+    images = np.random.default_rng(0).integers(0, 255, (4, 3, 16, 16), dtype=np.uint8)
+    stitched = stitch(images, boxes, 16)
+    assert stitched.shape == (2, 3, 16, 16) and np.array_equal(stitched[1], images[3])
+    with pytest.raises(ValueError, match="4 pieces, but the boxes place 3"):
+        stitch(maps, boxes[:1], 16)
+
+
+def test_a_pieces_run_tests_and_predicts_whole_images(tmp_path):
+    """Trained on normals cut into pieces, a run cuts each test image alike and scores the
+    image by its pieces' maps stitched on one canvas."""
+    from fractalsynth.anomaly import AnomalyConfig
+    from fractalsynth.generate import generate
+    from fractalsynth.images import load_image, piece_boxes, prepare_normal
+    from fractalad.evaluate import load_run, read_test_set, test_run
+    from fractalad.train import FitConfig, fit
+    data = tmp_path / "data"
+    make_mvtec(data, size=48)
+    for p in list_images(str(data)):  # twice as wide: two 48 x 48 pieces each
+        img = cv2.imread(p, cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(p, np.concatenate([img, img[:, ::-1]], axis=1))
+    generate(str(data / "train" / "good"), str(tmp_path / "shards"), 16, AnomalyConfig(size=32),
+             shard_size=16, pieces="1")
+    cfg = FitConfig(backbone="efficientnet_lite0", kd=True, steps=4, batch_size=4, workers=0,
+                    device="cpu")
+    run = str(tmp_path / "run")
+    fit(str(tmp_path / "shards"), run, cfg, progress=False)
+    model, meta = load_run(run, "cpu")
+    assert meta["piece_aspect"] == 1.0
+    report = test_run(run, str(data), str(tmp_path / "t"), "cpu", 1)
+    ts = read_test_set(str(data))
+    want_max, want_mean = [], []
+    for p in ts.paths:  # brute force: each piece through the model, its map into its half
+        img = load_image(p)
+        halves = []
+        for t, b, l, r in piece_boxes(*img.shape[:2], 1.0):
+            x = torch.from_numpy(prepare_normal(img[t:b, l:r], 32, 1).transpose(2, 0, 1)[None].copy())
+            with torch.no_grad():
+                m = model.anomaly_map(x.float() / 255)[0, 0].numpy()
+            halves.append(cv2.resize(m, (16, 32), interpolation=cv2.INTER_AREA))
+        canvas = np.concatenate(halves, axis=1)
+        want_max.append(canvas.max())
+        want_mean.append(canvas.mean())
+    with open(os.path.join(tmp_path / "t", "scores.csv")) as fh:
+        scored = list(csv.DictReader(fh))
+    assert_close(np.array([float(r["score_max"]) for r in scored]), np.array(want_max), atol=2e-6)
+    assert_close(np.array([float(r["score_mean"]) for r in scored]), np.array(want_mean), atol=2e-6)
+    assert report["metrics"]["all"]["image_AUROC"] == pytest.approx(
+        auroc(np.array(want_max), ts.labels), abs=1e-9)
+    # calibration counts images, not pieces: each image's score comes from its stitched map
+    combined = test_run(run, str(data), str(tmp_path / "c"), "cpu", 0, map_kind="combined")
+    assert combined["calibration"].startswith("3 images of DATA/train/good")
+    from fractalad.evaluate import calibrate_run
+    saved = calibrate_run(run, str(data / "test" / "good"), quantile=1.0, device="cpu")
+    assert saved["normal_scores"]["n"] == 3 and saved["image"] == pytest.approx(
+        max(s for s, lab in zip(want_max, ts.labels) if lab == 0), abs=2e-6)
+    out = str(tmp_path / "pred")
+    res = CliRunner().invoke(main, ["predict", run, os.path.join(data, "test", "spot"), "--out",
+                                    out, "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    mask = cv2.imread(os.path.join(out, "mask", "0.png"), 0)
+    assert mask.shape == (48, 96)  # the image's own size, not a piece's
+    from fractalad.export import export_run
+    import onnx
+    onnx_path = export_run(run, "onnx", str(tmp_path / "m.onnx"))
+    props = {p.key: p.value for p in onnx.load(onnx_path).metadata_props}
+    assert props["piece_aspect"] == "1.0"  # a caller needs it to cut images as the run did
+    files = {"piece_aspect": ""}
+    torch.jit.load(export_run(run, "torchscript", str(tmp_path / "m.pt")), _extra_files=files)
+    assert files["piece_aspect"] == b"1.0"
+    with open(os.path.join(out, "scores.csv")) as fh:
+        assert float(next(csv.DictReader(fh))["score_max"]) == pytest.approx(
+            want_max[ts.paths.index(os.path.join(data, "test", "spot", "0.png"))], abs=2e-6)

@@ -219,3 +219,42 @@ def test_holdout_keeps_normals_out_of_every_sample(normals_dir, tmp_path):
     res = CliRunner().invoke(main, ["generate", "--normals", normals_dir, "--n", "8", "--out",
                                     str(tmp_path / "x"), "--holdout", "1"])
     assert res.exit_code == 2 and "--holdout" in res.output
+
+
+def test_pieces_cut_every_normal_before_it_is_resized(tmp_path):
+    import cv2
+    from fractalsynth.generate import resolve_piece_aspect
+    from fractalsynth.images import median_aspect, piece_boxes, prepare_normal
+    folder = tmp_path / "normals"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    shapes = {"wide.png": (40, 130), "square.png": (50, 50), "tall.png": (90, 30)}
+    for name, shape in shapes.items():
+        cv2.imwrite(str(folder / name), rng.integers(0, 255, shape, dtype=np.uint8))
+    assert median_aspect(shapes.values()) == pytest.approx(50 / 50)
+    assert resolve_piece_aspect("auto", shapes.values()) == pytest.approx(1.0)
+    assert resolve_piece_aspect("off", []) == 0.0 and resolve_piece_aspect("0.5", []) == 0.5
+    for bad in ("wide", "-1", "0x", float("inf")):
+        with pytest.raises(ValueError, match="pieces must be"):
+            resolve_piece_aspect(bad, [])
+    out = str(tmp_path / "ds")
+    generate(str(folder), out, 12, AnomalyConfig(size=32), seed=2, shard_size=12, pieces="auto")
+    ds = ShardDataset(out)
+    assert ds.params["piece_aspect"] == pytest.approx(1.0)
+    want = []
+    for name in sorted(shapes):  # list_images' order
+        img = load_image(str(folder / name))
+        want += [prepare_normal(img[t:b, l:r], 32, 1)
+                 for t, b, l, r in piece_boxes(*img.shape[:2], 1.0)]
+    assert len(ds.normals) == len(want) == 3 + 1 + 3  # 130/40 -> 3 across, 90/30 -> 3 down
+    assert all(np.array_equal(a, b) for a, b in zip(ds.normals, want))
+    plain = str(tmp_path / "plain")
+    generate(str(folder), plain, 12, AnomalyConfig(size=32), seed=2, shard_size=12)
+    assert "piece_aspect" not in ShardDataset(plain).params and len(ShardDataset(plain).normals) == 3
+    with pytest.raises(ValueError, match="--holdout and --pieces"):
+        generate(str(folder), str(tmp_path / "h"), 12, AnomalyConfig(size=32), holdout=0.3,
+                 pieces="auto")
+    res = CliRunner().invoke(main, ["generate", "--normals", str(folder), "--n", "8", "--out",
+                                    str(tmp_path / "x"), "--pieces", "wide"])
+    assert res.exit_code != 0 and "pieces must be 'auto', 'off' or a width / height" in res.output
+    assert not os.path.exists(tmp_path / "x" / "dataset.json")
