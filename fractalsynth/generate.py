@@ -78,7 +78,7 @@ def _check_memory(folder: str, count: int, size: int, channels: int) -> None:
 
 def resolve_piece_aspect(pieces, shapes) -> float:
     """The piece aspect (width / height) ``pieces`` asks for: 0 for whole images (None, 0,
-    'off'), the median of ``shapes`` for 'auto', else the number itself."""
+    'off'), ``median_aspect`` of ``shapes`` for 'auto', else the number itself."""
     if pieces in (None, 0, "off"):
         return 0.0
     if pieces == "auto":
