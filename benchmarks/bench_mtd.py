@@ -145,7 +145,7 @@ def main(argv=None):
     import torch
 
     from fractalsynth.anomaly import AnomalyConfig, parse_mix
-    from fractalsynth.generate import generate, resolve_piece_aspect
+    from fractalsynth.generate import check_pieces, generate
     from fractalad.train import FitConfig, fit
 
     try:  # bad synthesis options fail here, before any work, as one line
@@ -154,8 +154,7 @@ def main(argv=None):
                               region=_range(args.region), content=parse_mix(args.content, "content"),
                               min_contrast=args.min_contrast, thin=args.thin,
                               thin_width=_range(args.thin_width, int), dilate_iterations=args.dilate)
-        if args.pieces != "auto":
-            resolve_piece_aspect(args.pieces, [])
+        check_pieces(args.pieces)
     except ValueError as e:
         ap.error(str(e))
     work = args.out or tempfile.mkdtemp(prefix="bench_mtd_")

@@ -76,20 +76,28 @@ def _check_memory(folder: str, count: int, size: int, channels: int) -> None:
                          "--size or use fewer images")
 
 
-def resolve_piece_aspect(pieces, shapes) -> float:
-    """The piece aspect (width / height) ``pieces`` asks for: 0 for whole images (None, 0,
-    'off'), ``median_aspect`` of ``shapes`` for 'auto', else the number itself."""
+def check_pieces(pieces) -> bool:
+    """Whether ``pieces`` asks to cut images (None, 0, 'off': no; 'auto' or a width / height
+    above 0: yes); a clear error for anything else, before any image is read."""
     if pieces in (None, 0, "off"):
-        return 0.0
+        return False
     if pieces == "auto":
-        return median_aspect(shapes)
+        return True
     try:
         aspect = float(pieces)
     except (TypeError, ValueError):
         aspect = float("nan")
     if not aspect > 0 or aspect == float("inf"):
         raise ValueError(f"pieces must be 'auto', 'off' or a width / height above 0, got {pieces!r}")
-    return aspect
+    return True
+
+
+def resolve_piece_aspect(pieces, shapes) -> float:
+    """The piece aspect (width / height) ``pieces`` asks for: 0 for whole images (None, 0,
+    'off'), ``median_aspect`` of ``shapes`` for 'auto', else the number itself."""
+    if not check_pieces(pieces):
+        return 0.0
+    return median_aspect(shapes) if pieces == "auto" else float(pieces)
 
 
 def cut_into_pieces(images: list, names: list, aspect: float) -> tuple[list, list]:
@@ -247,8 +255,7 @@ def generate(normals_dir: str, out_dir: str, n: int, cfg: AnomalyConfig | None =
                          f"({n} samples in shards of {shard_size})")
     if "texture" in [c for c, w in cfg.content if w > 0] and not textures:
         raise ValueError("content 'texture' needs --textures DIR")
-    cutting = pieces == "auto" or resolve_piece_aspect(pieces, []) > 0  # checks it early, too
-    if holdout and cutting:
+    if check_pieces(pieces) and holdout:
         # held-out pieces would be scored one piece at a time, but images as the max of theirs
         raise ValueError("--holdout and --pieces can not be combined yet; calibrate a pieces "
                          "model with 'fractalad calibrate RUN --normals DIR' instead")
