@@ -18,8 +18,8 @@ import cv2
 import numpy as np
 import torch
 
-from fractalsynth.images import (ImageError, list_images, load_image, piece_boxes, prepare_normal,
-                                 resize)
+from fractalsynth.images import (ImageError, canvas_boxes, list_images, load_image, piece_boxes,
+                                 prepare_normal, resize)
 
 from .metrics import PixelSplit, detection_metrics, split_pixels
 from .model import FractalAD
@@ -153,13 +153,6 @@ def preprocess(paths, size: int, channels: int, sizes: list | None = None,
     if not out:
         return np.zeros((0, channels, size, size), np.uint8)
     return np.stack(out).transpose(0, 3, 1, 2)
-
-
-def canvas_boxes(cuts, image_hw, size: int) -> list[tuple[int, int, int, int]]:
-    """Pieces' (top, bottom, left, right) in an image of ``image_hw``, scaled to a S x S canvas."""
-    h, w = image_hw
-    return [(round(t * size / h), round(b * size / h), round(l * size / w), round(r * size / w))
-            for t, b, l, r in cuts]
 
 
 def stitch(pieces: np.ndarray, boxes: list, size: int) -> np.ndarray:
@@ -306,17 +299,25 @@ def _load_run_for_map(run_dir: str, device: str, map_kind: str, trained: bool = 
     return model, meta
 
 
-def held_out_normals(run_dir: str) -> np.ndarray | None:
-    """uint8 [N, C, S, S] normals the run never trained on (``generate --holdout``), else None."""
+def held_out_normals(run_dir: str) -> tuple[np.ndarray, list] | None:
+    """(uint8 [N, C, S, S], boxes) of the normals the run never trained on (``generate
+    --holdout``), else None; for a pieces run the N images are pieces and ``boxes`` holds each
+    held-out image's ``canvas_boxes`` (as ``preprocess`` fills it), else it is empty."""
     path = os.path.join(run_dir, HOLDOUT_FILE)
     if not os.path.isfile(path):
         return None
     try:
         with np.load(path) as z:
-            return z["images"].transpose(0, 3, 1, 2)
+            images = z["images"].transpose(0, 3, 1, 2)
+            layout = z["pieces"] if "pieces" in z.files else np.zeros((0, 5), np.int32)
     except (OSError, ValueError, KeyError):
         raise RunError(f"{path}: unreadable; delete it (the run then calibrates on "
                        "DATA/train/good) or re-run 'fractalad fit'") from None
+    # the pieces of one image are stored one after another
+    starts = np.flatnonzero(np.diff(layout[:, 0])) + 1
+    boxes = [[tuple(int(v) for v in row[1:]) for row in group]
+             for group in np.split(layout, starts)] if len(layout) else []
+    return images, boxes
 
 
 def calibration_normals(run_dir: str, data: str | None, size: int, channels: int,
@@ -325,7 +326,10 @@ def calibration_normals(run_dir: str, data: str | None, size: int, channels: int
     ``aspect`` and ``boxes`` as for ``preprocess``)."""
     held = held_out_normals(run_dir)
     if held is not None:
-        return held, f"{len(held)} held-out normals ({HOLDOUT_FILE})"
+        images, held_boxes = held
+        if boxes is not None:
+            boxes.extend(held_boxes)
+        return images, f"{len(held_boxes) or len(images)} held-out normals ({HOLDOUT_FILE})"
     if data is None:
         raise RunError(f"{run_dir}: no held-out normals; pass --normals DIR (good images not "
                        "used in training), or train on shards made with --holdout")
@@ -355,7 +359,8 @@ def calibrate_run(run_dir: str, normals: str | None = None, quantile: float = NO
     model, meta = _load_run_for_map(run_dir, device, map_kind, trained)
     aspect, boxes = meta.get("piece_aspect", 0.0), []
     if normals is None:
-        images, source = calibration_normals(run_dir, None, meta["size"], meta["channels"])
+        images, source = calibration_normals(run_dir, None, meta["size"], meta["channels"],
+                                             aspect, boxes)
     else:
         images = preprocess(list_images(normals), meta["size"], meta["channels"], aspect=aspect,
                             boxes=boxes)
@@ -524,10 +529,11 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
     norm, calibration, held_maps = None, None, None
     held = held_out_normals(run_dir)
     if map_kind == "combined":
-        normals, calibration = calibration_normals(run_dir, data, size, ch, aspect, [])
+        normal_boxes = []
+        normals, calibration = calibration_normals(run_dir, data, size, ch, aspect, normal_boxes)
         norm, normal_maps = _normals_maps(model, normals, batch_size, tta, map_kind)
         if held is not None:  # calibration_normals took the held-out ones: their maps are made
-            held_maps = normal_maps
+            held_maps = stitch(normal_maps, normal_boxes, size) if normal_boxes else normal_maps
     sizes, boxes = [], []
     inputs = preprocess(ts.paths, size, ch, sizes, aspect=aspect, boxes=boxes)
     maps, images, ips = image_maps(model, inputs, boxes, size, batch_size, tta, norm)
@@ -552,7 +558,7 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
     operating_point = None
     if held is not None:  # the threshold 'calibrate' would set, without a defect photo
         if held_maps is None:
-            held_maps = anomaly_maps(model, held, batch_size, tta, norm)[0]
+            held_maps = image_maps(model, held[0], held[1], size, batch_size, tta, norm)[0]
         held_scores = image_scores(smooth_maps(held_maps, smooth), image_score)
         operating_point = held_out_operating_point(held_scores, score, types)
     thresholds = {"image": results["all"][key], "image_score": image_score, "tta": tta,

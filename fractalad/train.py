@@ -402,10 +402,11 @@ RESUME_MAY_CHANGE = ("epochs", "steps", "decay_steps", "workers", "log_every", "
 
 def _save_holdout(shards_dir: str, path: str) -> None:
     """Copy the shard set's held-out normals into the run, so the run calibrates on its own."""
-    images, names = load_holdout(shards_dir)
-    if len(images):  # np.savez appends .npz to a name without it
-        write_whole(path, lambda tmp: np.savez(tmp, images=images, names=np.array(names)),
-                     ".partial.npz")
+    held = load_holdout(shards_dir)
+    if len(held.images):  # np.savez appends .npz to a name without it
+        extra = {} if held.pieces is None else {"pieces": held.pieces}
+        write_whole(path, lambda tmp: np.savez(tmp, images=held.images, names=np.array(held.names),
+                                               **extra), ".partial.npz")
 
 
 def _saved_config(config: dict) -> FitConfig:

@@ -232,9 +232,11 @@ def masks(n, size, seed, out, workers, **kw):
 @click.option("--out", type=click.Path(), required=True, help="Output PNG.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--columns", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--pieces", default="off", show_default=True, metavar="off|auto|ASPECT",
+              help="With --normals: cut the images into pieces first, as 'generate --pieces' does.")
 @synth_options
 @_fail_cleanly
-def preview(dataset, normals, n, out, seed, columns, textures, **kw):
+def preview(dataset, normals, n, out, seed, columns, pieces, textures, **kw):
     """A labelled grid of normal / anomalous / mask samples (from DATASET or --normals DIR)."""
     from .preview import preview_from_dataset, preview_from_normals, save_rgb
     if (dataset is None) == (normals is None):
@@ -243,7 +245,7 @@ def preview(dataset, normals, n, out, seed, columns, textures, **kw):
         grid = preview_from_dataset(dataset, n, columns)
     else:
         tex, _ = _load_textures(textures)
-        grid = preview_from_normals(normals, n, seed, columns, _synth_config(**kw), tex)
+        grid = preview_from_normals(normals, n, seed, columns, _synth_config(**kw), tex, pieces)
     save_rgb(out, grid)
     click.echo(f"wrote {out}")
 

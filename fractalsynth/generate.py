@@ -19,8 +19,8 @@ import numpy as np
 from . import __version__
 from .anomaly import AnomalyConfig, synthesize_record
 from .color import mean_luma
-from .images import (ImageError, channels_of, list_images, load_image, median_aspect, piece_boxes,
-                     prepare_normal, to_channels)
+from .images import (ImageError, canvas_boxes, channels_of, list_images, load_image, median_aspect,
+                     piece_boxes, prepare_normal, to_channels)
 from .placement import find_foreground
 from .rng import sample_rng
 from .shards import (MANIFEST_FILE, NORMALS_FILE, PARAMS_FILE, ShardError,
@@ -41,13 +41,21 @@ class Normals:
     foregrounds: list
     skipped: list
     piece_aspect: float = 0.0  # > 0: each image was cut into pieces of about this width / height
+    # pieces only: int32 [N, 5], each piece's image (its number in reading order) and its
+    # (top, bottom, left, right) on the S x S canvas that image's stretched version would fill
+    pieces: np.ndarray | None = None
 
     def subset(self, idx) -> "Normals":
         """The normals at positions ``idx`` (skipped-file notes kept)."""
         def pick(seq):
             return None if seq is None else [seq[i] for i in idx]
         return Normals(self.images[idx], self.means[idx], pick(self.names), pick(self.sources),
-                       pick(self.foregrounds), self.skipped, self.piece_aspect)
+                       pick(self.foregrounds), self.skipped, self.piece_aspect,
+                       None if self.pieces is None else self.pieces[idx])
+
+    def image_numbers(self) -> np.ndarray:
+        """Per normal, the number of the image it came from (itself unless cut into pieces)."""
+        return np.arange(len(self.images)) if self.pieces is None else self.pieces[:, 0]
 
 
 def holdout_indices(count: int, fraction: float, seed: int) -> np.ndarray:
@@ -100,15 +108,20 @@ def resolve_piece_aspect(pieces, shapes) -> float:
     return median_aspect(shapes) if pieces == "auto" else float(pieces)
 
 
-def cut_into_pieces(images: list, names: list, aspect: float) -> tuple[list, list]:
-    """Each image cut by ``piece_boxes``; a piece of a cut image is named ``name#k``."""
-    pieces, piece_names = [], []
-    for img, name in zip(images, names):
-        boxes = piece_boxes(img.shape[0], img.shape[1], aspect)
-        for k, (top, bottom, left, right) in enumerate(boxes):
+def cut_into_pieces(images: list, names: list, aspect: float,
+                    size: int) -> tuple[list, list, np.ndarray]:
+    """Each image cut by ``piece_boxes``: (pieces, names, layout). A piece of a cut image is
+    named ``name#k``; ``layout`` is int32 [P, 5], each piece's image number and its
+    ``canvas_boxes`` at ``size``."""
+    pieces, piece_names, layout = [], [], []
+    for n, (img, name) in enumerate(zip(images, names)):
+        cuts = piece_boxes(img.shape[0], img.shape[1], aspect)
+        boxes = canvas_boxes(cuts, img.shape[:2], size)
+        for k, ((top, bottom, left, right), box) in enumerate(zip(cuts, boxes)):
             pieces.append(img[top:bottom, left:right])
-            piece_names.append(name if len(boxes) == 1 else f"{name}#{k}")
-    return pieces, piece_names
+            piece_names.append(name if len(cuts) == 1 else f"{name}#{k}")
+            layout.append((n, *box))
+    return pieces, piece_names, np.array(layout, np.int32).reshape(-1, 5)
 
 
 def read_normals(folder: str, cfg: AnomalyConfig, skip_bad: bool = False, progress=None,
@@ -130,8 +143,9 @@ def read_normals(folder: str, cfg: AnomalyConfig, skip_bad: bool = False, progre
     if not raw:
         raise ImageError(f"{folder}: none of the {len(paths)} images could be read")
     aspect = resolve_piece_aspect(pieces, [r.shape for r in raw])
+    layout = None
     if aspect:
-        raw, names = cut_into_pieces(raw, names, aspect)
+        raw, names, layout = cut_into_pieces(raw, names, aspect, cfg.size)
     if cfg.channels == "auto":
         ch = 3 if any(channels_of(r) == 3 for r in raw) else 1
     else:
@@ -143,7 +157,7 @@ def read_normals(folder: str, cfg: AnomalyConfig, skip_bad: bool = False, progre
     fgs = [None] * len(raw)
     if cfg.placement != "uniform":
         fgs = [find_foreground(s) for s in (sources or images)]
-    return Normals(images, means, names, sources, fgs, skipped, aspect)
+    return Normals(images, means, names, sources, fgs, skipped, aspect, layout)
 
 
 def dataset_params(cfg: AnomalyConfig, seed: int, n: int, shard_size: int, normals: Normals,
@@ -236,7 +250,8 @@ def generate(normals_dir: str, out_dir: str, n: int, cfg: AnomalyConfig | None =
     """Build (or finish) the dataset in ``out_dir``; returns a summary dict.
 
     ``holdout``: a seeded fraction of the normals kept out of every sample and stored apart
-    in the normals file, so a model trained on the dataset can be calibrated on unseen images.
+    in the normals file, so a model trained on the dataset can be calibrated on unseen images
+    (with ``pieces``, whole images are held out, stored as pieces with their canvas boxes).
     ``pieces``: 'auto' (the normals' median aspect), a width / height, or None / 'off': cut each
     normal along its long side into pieces of about that aspect before it is resized, so that
     long images are not squeezed; fractalad cuts test images the same way.
@@ -255,19 +270,16 @@ def generate(normals_dir: str, out_dir: str, n: int, cfg: AnomalyConfig | None =
                          f"({n} samples in shards of {shard_size})")
     if "texture" in [c for c, w in cfg.content if w > 0] and not textures:
         raise ValueError("content 'texture' needs --textures DIR")
-    if check_pieces(pieces) and holdout:
-        # held-out pieces would be scored one piece at a time, but images as the max of theirs
-        raise ValueError("--holdout and --pieces can not be combined yet; calibrate a pieces "
-                         "model with 'fractalad calibrate RUN --normals DIR' instead")
     os.makedirs(out_dir, exist_ok=True)
     normals = read_normals(normals_dir, cfg, skip_bad, pieces=pieces)
     for s in normals.skipped:
         log(f"skipped: {s}")
     held = None
-    if holdout:
-        out_idx = holdout_indices(len(normals.names), holdout, seed)
-        held = normals.subset(out_idx)
-        normals = normals.subset(np.setdiff1d(np.arange(len(normals.names)), out_idx))
+    if holdout:  # whole images are held out, with all their pieces
+        numbers = normals.image_numbers()
+        out = np.isin(numbers, holdout_indices(int(numbers.max()) + 1, holdout, seed))
+        held = normals.subset(np.flatnonzero(out))
+        normals = normals.subset(np.flatnonzero(~out))
     params = dataset_params(cfg, seed, n, shard_size, normals, textures_digest, holdout)
     _check_existing(out_dir, params)
     channels = int(normals.images.shape[3])
@@ -276,7 +288,8 @@ def generate(normals_dir: str, out_dir: str, n: int, cfg: AnomalyConfig | None =
     checksum = _sha256([normals.images, normals.means])
     if not os.path.exists(normals_path):
         write_normals(normals_path, normals.images, normals.means, normals.names,
-                      held.images if held else None, held.names if held else None)
+                      held.images if held else None, held.names if held else None,
+                      held.pieces if held else None)
     _write_json(os.path.join(out_dir, PARAMS_FILE),
                 {"schema": "fractalsynth.params", "params": params, "params_hash": phash,
                  "channels": channels, "normals_checksum": checksum,

@@ -144,6 +144,13 @@ def piece_boxes(height: int, width: int, aspect: float) -> list[tuple[int, int, 
             for i in range(down) for j in range(across)]
 
 
+def canvas_boxes(cuts, image_hw, size: int) -> list[tuple[int, int, int, int]]:
+    """Pieces' (top, bottom, left, right) in an image of ``image_hw``, scaled to a S x S canvas."""
+    h, w = image_hw
+    return [(round(t * size / h), round(b * size / h), round(l * size / w), round(r * size / w))
+            for t, b, l, r in cuts]
+
+
 def median_aspect(shapes) -> float:
     """The median width over the median height of images of ``shapes`` ((height, width, ...))."""
     shapes = list(shapes)

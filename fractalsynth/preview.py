@@ -40,16 +40,25 @@ def triple_grid(normals, anomalous, masks, columns: int = 4, labels=None) -> np.
 
 
 def preview_from_normals(folder: str, n: int, seed: int = 0, columns: int = 2,
-                         config: AnomalyConfig | None = None, textures=None) -> np.ndarray:
-    """A grid of ``n`` fresh samples from the images in ``folder`` (sample i uses image i mod N)."""
+                         config: AnomalyConfig | None = None, textures=None,
+                         pieces=None) -> np.ndarray:
+    """A grid of ``n`` fresh samples from the images in ``folder`` (sample i uses image i mod N;
+    with ``pieces``, as for ``generate``, piece i mod P of the images cut into P pieces)."""
+    from .generate import check_pieces, cut_into_pieces, resolve_piece_aspect
     paths = list_images(folder)
+    names = [os.path.basename(p) for p in paths]
     config = config or AnomalyConfig()
     gen = FractalAnomaly(config=config, size=config.size, seed=seed, textures=textures)
+    images = None  # without pieces, only the images shown are read
+    if check_pieces(pieces):  # every image is read: 'auto' needs all their shapes
+        images = [load_image(p) for p in paths]
+        aspect = resolve_piece_aspect(pieces, [im.shape for im in images])
+        images, names, _ = cut_into_pieces(images, names, aspect, config.size)
     triples, labels = [], []
     for i in range(n):
-        path = paths[i % len(paths)]
-        triples.append(gen(load_image(path), index=i))
-        labels.append(f"{i}: {os.path.basename(path)}")
+        k = i % len(names)
+        triples.append(gen(load_image(paths[k]) if images is None else images[k], index=i))
+        labels.append(f"{i}: {names[k]}")
     return triple_grid(*zip(*triples), columns=columns, labels=labels)
 
 

@@ -699,8 +699,8 @@ def test_default_test_dir_names_the_settings():
 
 
 def test_stitch_places_each_piece_in_its_canvas_box():
-    from fractalad.evaluate import canvas_boxes, stitch
-    from fractalsynth.images import piece_boxes
+    from fractalad.evaluate import stitch
+    from fractalsynth.images import canvas_boxes, piece_boxes
     cuts = piece_boxes(40, 130, 1.0)  # 3 across
     boxes = [canvas_boxes(cuts, (40, 130), 16), [(0, 16, 0, 16)]]
     assert boxes[0] == [(0, 16, 0, 5), (0, 16, 5, 11), (0, 16, 11, 16)]
@@ -739,18 +739,18 @@ def test_a_pieces_run_tests_and_predicts_whole_images(tmp_path):
     assert meta["piece_aspect"] == 1.0
     report = test_run(run, str(data), str(tmp_path / "t"), "cpu", 1)
     ts = read_test_set(str(data))
-    want_max, want_mean = [], []
-    for p in ts.paths:  # brute force: each piece through the model, its map into its half
-        img = load_image(p)
+
+    def stitched_map(model, img):  # brute force: each piece through the model, its map into its half
         halves = []
         for t, b, l, r in piece_boxes(*img.shape[:2], 1.0):
             x = torch.from_numpy(prepare_normal(img[t:b, l:r], 32, 1).transpose(2, 0, 1)[None].copy())
             with torch.no_grad():
                 m = model.anomaly_map(x.float() / 255)[0, 0].numpy()
             halves.append(cv2.resize(m, (16, 32), interpolation=cv2.INTER_AREA))
-        canvas = np.concatenate(halves, axis=1)
-        want_max.append(canvas.max())
-        want_mean.append(canvas.mean())
+        return np.concatenate(halves, axis=1)
+
+    canvases = [stitched_map(model, load_image(p)) for p in ts.paths]
+    want_max, want_mean = [c.max() for c in canvases], [c.mean() for c in canvases]
     with open(os.path.join(tmp_path / "t", "scores.csv")) as fh:
         scored = list(csv.DictReader(fh))
     assert_close(np.array([float(r["score_max"]) for r in scored]), np.array(want_max), atol=2e-6)
@@ -781,3 +781,25 @@ def test_a_pieces_run_tests_and_predicts_whole_images(tmp_path):
     with open(os.path.join(out, "scores.csv")) as fh:
         assert float(next(csv.DictReader(fh))["score_max"]) == pytest.approx(
             want_max[ts.paths.index(os.path.join(data, "test", "spot", "0.png"))], abs=2e-6)
+
+    # held out whole, with both its pieces, a normal calibrates by its stitched map
+    from fractalsynth.shards import load_holdout
+    shards, held_run = str(tmp_path / "held_shards"), str(tmp_path / "held_run")
+    generate(str(data / "train" / "good"), shards, 8, AnomalyConfig(size=32), shard_size=8,
+             pieces="1", holdout=0.34)
+    held = load_holdout(shards)
+    assert len(held.names) == 2 and held.names[0].endswith("#0") and held.names[1].endswith("#1")
+    assert held.pieces.tolist() == [[0, 0, 32, 0, 16], [0, 0, 32, 16, 32]]
+    fit(shards, held_run, FitConfig(steps=1, batch_size=4, workers=0, device="cpu"), progress=False)
+    held_model, _ = load_run(held_run, "cpu")
+    saved = calibrate_run(held_run, quantile=1.0, device="cpu")
+    want = stitched_map(held_model, load_image(str(data / "train" / "good" / held.names[0][:-2])))
+    assert saved["source"].endswith("of 1 held-out normals (holdout_normals.npz)")
+    assert saved["normal_scores"]["n"] == 1 and saved["image"] == pytest.approx(want.max(), abs=2e-6)
+    op = test_run(held_run, str(data), str(tmp_path / "hh"), "cpu", 0)["held_out_operating_point"]
+    assert op["n_normals"] == 1 and op["threshold"] == pytest.approx(want.max(), abs=2e-6)
+    saved = calibrate_run(held_run, device="cpu", map_kind="combined")
+    report = test_run(held_run, str(data), str(tmp_path / "ht"), "cpu", 0, map_kind="combined")
+    assert report["calibration"].startswith("1 held-out normals")
+    op = report["held_out_operating_point"]
+    assert op["n_normals"] == 1 and op["threshold"] == pytest.approx(saved["image"], abs=1e-6)

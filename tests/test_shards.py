@@ -199,7 +199,8 @@ def test_holdout_keeps_normals_out_of_every_sample(normals_dir, tmp_path):
     assert list(held_idx) != list(holdout_indices(len(paths), 0.34, seed=5))  # seeded
     out = str(tmp_path / "ds")
     generate(normals_dir, out, 40, CFG, seed=4, shard_size=16, holdout=0.34)
-    images, names = load_holdout(out)
+    images, names, pieces = load_holdout(out)
+    assert pieces is None  # whole images
     rel = [os.path.relpath(paths[i], normals_dir) for i in held_idx]
     assert names == rel
     for img, i in zip(images, held_idx):
@@ -251,9 +252,34 @@ def test_pieces_cut_every_normal_before_it_is_resized(tmp_path):
     plain = str(tmp_path / "plain")
     generate(str(folder), plain, 12, AnomalyConfig(size=32), seed=2, shard_size=12)
     assert "piece_aspect" not in ShardDataset(plain).params and len(ShardDataset(plain).normals) == 3
-    with pytest.raises(ValueError, match="--holdout and --pieces"):
-        generate(str(folder), str(tmp_path / "h"), 12, AnomalyConfig(size=32), holdout=0.3,
-                 pieces="auto")
+    from fractalsynth.images import canvas_boxes
+    from fractalsynth.shards import load_holdout
+    held_out = str(tmp_path / "h")  # whole images are held out: all their pieces, none trained on
+    generate(str(folder), held_out, 12, AnomalyConfig(size=32), seed=2, shard_size=12,
+             holdout=0.3, pieces="auto")
+    held = load_holdout(held_out)
+    (name,) = {n.split("#")[0] for n in held.names}
+    img = load_image(str(folder / name))
+    cuts = piece_boxes(*img.shape[:2], 1.0)
+    assert len(held.images) == len(cuts) == 3  # wide.png
+    assert all(np.array_equal(a, prepare_normal(img[t:b, l:r], 32, 1))
+               for a, (t, b, l, r) in zip(held.images, cuts))
+    assert held.pieces[:, 1:].tolist() == [list(c) for c in canvas_boxes(cuts, img.shape[:2], 32)]
+    kept = ShardDataset(held_out).normals
+    assert len(kept) == 7 - len(cuts) and not any(np.array_equal(a, k) for a in held.images for k in kept)
+    from fractalsynth.anomaly import FractalAnomaly
+    from fractalsynth.preview import preview_from_normals, triple_grid
+    gen = FractalAnomaly(config=AnomalyConfig(size=32), size=32, seed=0)
+    cut = [(f"{name}#{k}", load_image(str(folder / name))[t:b, l:r]) for name in sorted(shapes)
+           for k, (t, b, l, r) in enumerate(piece_boxes(*shapes[name], 1.0))]
+    labels = [f"{i}: {n.replace('square.png#0', 'square.png')}" for i, (n, _) in enumerate(cut)]
+    want = triple_grid(*zip(*[gen(img, index=i) for i, (_, img) in enumerate(cut)]), columns=2,
+                       labels=labels)
+    assert np.array_equal(preview_from_normals(str(folder), 7, config=AnomalyConfig(size=32),
+                                               pieces="auto"), want)
+    res = CliRunner().invoke(main, ["preview", "--normals", str(folder), "--n", "2", "--size", "32",
+                                    "--pieces", "auto", "--out", str(tmp_path / "p.png")])
+    assert res.exit_code == 0 and os.path.getsize(tmp_path / "p.png") > 0, res.output
     res = CliRunner().invoke(main, ["generate", "--normals", str(folder), "--n", "8", "--out",
                                     str(tmp_path / "x"), "--pieces", "wide"])
     assert res.exit_code != 0 and "pieces must be 'auto', 'off' or a width / height" in res.output
