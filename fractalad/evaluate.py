@@ -309,7 +309,7 @@ def held_out_normals(run_dir: str) -> tuple[np.ndarray, list] | None:
     try:
         with np.load(path) as z:
             images = z["images"].transpose(0, 3, 1, 2)
-            layout = z["pieces"] if "pieces" in z.files else np.zeros((0, 5), np.int32)
+            layout = z["layout"] if "layout" in z.files else np.zeros((0, 5), np.int32)
     except (OSError, ValueError, KeyError):
         raise RunError(f"{path}: unreadable; delete it (the run then calibrates on "
                        "DATA/train/good) or re-run 'fractalad fit'") from None

@@ -404,7 +404,7 @@ def _save_holdout(shards_dir: str, path: str) -> None:
     """Copy the shard set's held-out normals into the run, so the run calibrates on its own."""
     held = load_holdout(shards_dir)
     if len(held.images):  # np.savez appends .npz to a name without it
-        extra = {} if held.pieces is None else {"pieces": held.pieces}
+        extra = {} if held.layout is None else {"layout": held.layout}
         write_whole(path, lambda tmp: np.savez(tmp, images=held.images, names=np.array(held.names),
                                                **extra), ".partial.npz")
 

@@ -43,7 +43,7 @@ class Normals:
     piece_aspect: float = 0.0  # > 0: each image was cut into pieces of about this width / height
     # pieces only: int32 [N, 5], each piece's image (its number in reading order) and its
     # (top, bottom, left, right) on the S x S canvas that image's stretched version would fill
-    pieces: np.ndarray | None = None
+    layout: np.ndarray | None = None
 
     def subset(self, idx) -> "Normals":
         """The normals at positions ``idx`` (skipped-file notes kept)."""
@@ -51,11 +51,11 @@ class Normals:
             return None if seq is None else [seq[i] for i in idx]
         return Normals(self.images[idx], self.means[idx], pick(self.names), pick(self.sources),
                        pick(self.foregrounds), self.skipped, self.piece_aspect,
-                       None if self.pieces is None else self.pieces[idx])
+                       None if self.layout is None else self.layout[idx])
 
     def image_numbers(self) -> np.ndarray:
         """Per normal, the number of the image it came from (itself unless cut into pieces)."""
-        return np.arange(len(self.images)) if self.pieces is None else self.pieces[:, 0]
+        return np.arange(len(self.images)) if self.layout is None else self.layout[:, 0]
 
 
 def holdout_indices(count: int, fraction: float, seed: int) -> np.ndarray:
@@ -289,7 +289,7 @@ def generate(normals_dir: str, out_dir: str, n: int, cfg: AnomalyConfig | None =
     if not os.path.exists(normals_path):
         write_normals(normals_path, normals.images, normals.means, normals.names,
                       held.images if held else None, held.names if held else None,
-                      held.pieces if held else None)
+                      held.layout if held else None)
     _write_json(os.path.join(out_dir, PARAMS_FILE),
                 {"schema": "fractalsynth.params", "params": params, "params_hash": phash,
                  "channels": channels, "normals_checksum": checksum,

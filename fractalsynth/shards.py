@@ -10,7 +10,7 @@ A dataset is a folder::
 ``normals.h5``: ``/images`` uint8 [N, S, S, C], ``/means`` float32 [N] (mean luma, for the
 contrast jitter), ``/paths`` (source file names); attrs ``schema``, ``version``, ``checksum``.
 With ``generate --holdout``, also ``/holdout_images`` and ``/holdout_paths`` (normals kept out
-of every sample) and, for normals cut into pieces, ``/holdout_pieces`` int32 [K, 5]: each
+of every sample) and, for normals cut into pieces, ``/holdout_layout`` int32 [K, 5]: each
 held-out piece's image number and its (top, bottom, left, right) on that image's S x S canvas.
 
 ``shard-XXXXX.h5`` (schema ``fractalsynth.shard``): for its ``n`` samples
@@ -73,7 +73,7 @@ def _sha256(arrays) -> str:
 
 def write_normals(path: str, images: np.ndarray, means: np.ndarray, names: list[str],
                   holdout_images: np.ndarray | None = None, holdout_names: list[str] | None = None,
-                  holdout_pieces: np.ndarray | None = None) -> str:
+                  holdout_layout: np.ndarray | None = None) -> str:
     """Write the prepared normals (and any held-out ones) atomically; returns their checksum."""
     checksum = _sha256([images, means])
     tmp = path + ".partial"
@@ -86,8 +86,8 @@ def write_normals(path: str, images: np.ndarray, means: np.ndarray, names: list[
         if holdout_images is not None:
             f.create_dataset("holdout_images", data=holdout_images)
             f.create_dataset("holdout_paths", data=np.array(holdout_names, dtype=h5py.string_dtype()))
-            if holdout_pieces is not None:
-                f.create_dataset("holdout_pieces", data=holdout_pieces.astype(np.int32))
+            if holdout_layout is not None:
+                f.create_dataset("holdout_layout", data=holdout_layout.astype(np.int32))
     os.replace(tmp, path)
     return checksum
 
@@ -241,7 +241,7 @@ class Holdout(NamedTuple):
 
     images: np.ndarray  # uint8 [K, S, S, C]; K = 0 if none
     names: list
-    pieces: np.ndarray | None  # int32 [K, 5] for normals cut into pieces (see the module doc)
+    layout: np.ndarray | None  # int32 [K, 5] for normals cut into pieces (see the module doc)
 
 
 def load_holdout(root: str) -> Holdout:
@@ -254,7 +254,7 @@ def load_holdout(root: str) -> Holdout:
                 return Holdout(np.zeros((0, *shape[1:]), np.uint8), [], None)
             return Holdout(f["holdout_images"][()],
                            [p.decode() if isinstance(p, bytes) else str(p) for p in f["holdout_paths"][()]],
-                           f["holdout_pieces"][()] if "holdout_pieces" in f else None)
+                           f["holdout_layout"][()] if "holdout_layout" in f else None)
     except (OSError, KeyError) as e:
         raise ShardError(f"{path}: unreadable or truncated ({e}); delete it and re-run "
                          "'fractalsynth generate'") from None

@@ -789,7 +789,7 @@ def test_a_pieces_run_tests_and_predicts_whole_images(tmp_path):
              pieces="1", holdout=0.34)
     held = load_holdout(shards)
     assert len(held.names) == 2 and held.names[0].endswith("#0") and held.names[1].endswith("#1")
-    assert held.pieces.tolist() == [[0, 0, 32, 0, 16], [0, 0, 32, 16, 32]]
+    assert held.layout.tolist() == [[0, 0, 32, 0, 16], [0, 0, 32, 16, 32]]
     fit(shards, held_run, FitConfig(steps=1, batch_size=4, workers=0, device="cpu"), progress=False)
     held_model, _ = load_run(held_run, "cpu")
     saved = calibrate_run(held_run, quantile=1.0, device="cpu")

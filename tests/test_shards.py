@@ -199,8 +199,8 @@ def test_holdout_keeps_normals_out_of_every_sample(normals_dir, tmp_path):
     assert list(held_idx) != list(holdout_indices(len(paths), 0.34, seed=5))  # seeded
     out = str(tmp_path / "ds")
     generate(normals_dir, out, 40, CFG, seed=4, shard_size=16, holdout=0.34)
-    images, names, pieces = load_holdout(out)
-    assert pieces is None  # whole images
+    images, names, layout = load_holdout(out)
+    assert layout is None  # whole images
     rel = [os.path.relpath(paths[i], normals_dir) for i in held_idx]
     assert names == rel
     for img, i in zip(images, held_idx):
@@ -264,7 +264,7 @@ def test_pieces_cut_every_normal_before_it_is_resized(tmp_path):
     assert len(held.images) == len(cuts) == 3  # wide.png
     assert all(np.array_equal(a, prepare_normal(img[t:b, l:r], 32, 1))
                for a, (t, b, l, r) in zip(held.images, cuts))
-    assert held.pieces[:, 1:].tolist() == [list(c) for c in canvas_boxes(cuts, img.shape[:2], 32)]
+    assert held.layout[:, 1:].tolist() == [list(c) for c in canvas_boxes(cuts, img.shape[:2], 32)]
     kept = ShardDataset(held_out).normals
     assert len(kept) == 7 - len(cuts) and not any(np.array_equal(a, k) for a in held.images for k in kept)
     from fractalsynth.anomaly import FractalAnomaly
