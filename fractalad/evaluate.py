@@ -273,6 +273,11 @@ def _normals_maps(model: FractalAD, normals_u8: np.ndarray, batch_size: int, tta
     return norm, norm.combine(pairs)
 
 
+def _image_count(images: np.ndarray, boxes: list | None) -> int:
+    """How many images ``preprocess``'s output holds: a pieces run's boxes have one entry each."""
+    return len(boxes) if boxes else len(images)
+
+
 def calibration_images(data: str, size: int, channels: int, limit: int = CALIBRATION_IMAGES,
                        aspect: float = 0.0, boxes: list | None = None):
     """Up to ``limit`` images of DATA/train/good, evenly spaced in name order, prepared (cut
@@ -329,13 +334,12 @@ def calibration_normals(run_dir: str, data: str | None, size: int, channels: int
         images, held_boxes = held
         if boxes is not None:
             boxes.extend(held_boxes)
-        return images, f"{len(held_boxes) or len(images)} held-out normals ({HOLDOUT_FILE})"
+        return images, f"{_image_count(images, held_boxes)} held-out normals ({HOLDOUT_FILE})"
     if data is None:
         raise RunError(f"{run_dir}: no held-out normals; pass --normals DIR (good images not "
                        "used in training), or train on shards made with --holdout")
     images = calibration_images(data, size, channels, aspect=aspect, boxes=boxes)
-    count = len(boxes) if aspect and boxes is not None else len(images)
-    return images, f"{count} images of DATA/train/good (seen in training)"
+    return images, f"{_image_count(images, boxes)} images of DATA/train/good (seen in training)"
 
 
 def calibrate_run(run_dir: str, normals: str | None = None, quantile: float = NORMALS_QUANTILE,
@@ -364,7 +368,7 @@ def calibrate_run(run_dir: str, normals: str | None = None, quantile: float = NO
     else:
         images = preprocess(list_images(normals), meta["size"], meta["channels"], aspect=aspect,
                             boxes=boxes)
-        source = f"{len(boxes) if aspect else len(images)} images of {os.path.abspath(normals)}"
+        source = f"{_image_count(images, boxes)} images of {os.path.abspath(normals)}"
     norm, maps = _normals_maps(model, images, batch_size, tta, map_kind)
     if boxes:  # the scales come from every piece, each image's scores from its pieces stitched
         maps = stitch(maps, boxes, meta["size"])
