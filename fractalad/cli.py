@@ -12,6 +12,7 @@ from fractalsynth.cli import fail_cleanly
 
 from .backbones import BACKBONES
 from .evaluate import IMAGE_SCORES, MAP_KINDS, NORMALS_QUANTILE
+from .export import FORMATS
 from .model import PRESETS
 from .train import COMPILE_MODES
 
@@ -251,14 +252,16 @@ def predict(run_dir, paths, out, threshold, device, tta, smooth, map_kind, image
 
 @main.command()
 @click.argument("run_dir", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), required=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
+              help="pt2: a torch.export program (torch.export.load); torchscript: traced, "
+                   "for runtimes that still load it (PyTorch deprecates it).")
 @click.option("--out", type=click.Path(), required=True)
 @click.option("--map", "map_kind", type=MAP_CHOICE, default="head",
               show_default=True, help="combined: with the scales 'test --map combined' saved.")
 @TRAINED_OPTION
 @_fail_cleanly
 def export(run_dir, fmt, out, map_kind, trained):
-    """Export the anomaly-map model as ONNX or TorchScript."""
+    """Export the anomaly-map model as ONNX, a torch.export program (.pt2) or TorchScript."""
     from .export import export_run
     click.echo(f"wrote {export_run(run_dir, fmt, out, map_kind=map_kind, trained=trained)}")
 

@@ -1,16 +1,20 @@
-"""Export a trained run as ONNX or TorchScript: float input [B, C, S, S] in [0, 1], output the
-anomaly map [B, 1, S, S]: the head's sigmoid, or the combined map ``test --map combined`` scaled.
+"""Export a trained run as ONNX, a ``torch.export`` program (.pt2) or TorchScript: float input
+[B, C, S, S] in [0, 1], output the anomaly map [B, 1, S, S]: the head's sigmoid, or the
+combined map ``test --map combined`` scaled.
 
-Both formats take the run's own size S only. Tracing records S in the model (the backbone's
-TF-"same" padding, the flow head's sampling grids), so another size would run and give wrong
-maps: the TorchScript file checks the shape and raises, ONNX declares it fixed. A run trained
-on pieces (``generate --pieces``) takes pieces: its ``piece_aspect`` is saved with the model
-(TorchScript extra file, ONNX metadata) so that a caller can cut images with
+ONNX and .pt2 come from one ``torch.export`` graph (PyTorch's successor to tracing, which it
+deprecates); TorchScript is traced, for runtimes that still load it. Every format takes the
+run's own size S only, with any batch size: a model trained at S scores other sizes badly, and
+the graph records S (the backbone's TF-"same" padding, the flow head's sampling grids). ONNX
+declares S fixed, the .pt2 program guards it, the TorchScript file checks it and raises. A run
+trained on pieces (``generate --pieces``) takes pieces: its ``piece_aspect`` is saved with the
+model (ONNX metadata, .pt2 and TorchScript extra files) so that a caller can cut images with
 ``fractalsynth.images.piece_boxes``."""
 from __future__ import annotations
 
-import io
+import logging
 import os
+import warnings
 
 import torch
 
@@ -35,6 +39,9 @@ class AnomalyMapModel(torch.nn.Module):
         return 0.25 * ((self.model.map_pair(images) - self.lo) / self.span).sum(1, keepdim=True)
 
 
+FORMATS = ("onnx", "pt2", "torchscript")
+
+
 class ShapeChecked(torch.nn.Module):
     """A traced model that refuses any input but [B, channels, size, size] with one clear error."""
 
@@ -54,21 +61,43 @@ class ShapeChecked(torch.nn.Module):
         return self.traced(images)
 
 
-def export_run(run_dir: str, fmt: str, out: str, batch_size: int = 1, map_kind: str = "head",
+def export_run(run_dir: str, fmt: str, out: str, batch_size: int = 2, map_kind: str = "head",
                trained: bool = False) -> str:
-    """Write ``out`` in ``fmt`` ('onnx' or 'torchscript'); returns the path.
+    """Write ``out`` in ``fmt`` ('onnx', 'pt2' or 'torchscript'); returns the path.
 
     ``map_kind`` 'combined' bakes in the scales ``test --map combined`` saved for the run.
     ``trained``: an ``--ema`` run's trained weights, not their moving average.
     """
-    if fmt not in ("onnx", "torchscript"):
-        raise ValueError(f"unknown format {fmt!r}; choose onnx or torchscript")
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     model, meta = load_run(run_dir, "cpu", trained)
     norm = saved_map_norm(run_dir) if map_kind == "combined" else None
     wrapper = AnomalyMapModel(model, norm).eval()
-    example = torch.rand(batch_size, meta["channels"], meta["size"], meta["size"])
+    # a batch of 2: torch.export would take a batch of 1 for a constant
+    example = torch.rand(max(2, batch_size), meta["channels"], meta["size"], meta["size"])
+    _check_out(out, fmt)
+    props = {"input_size": str(meta["size"]), "map": map_kind,
+             "piece_aspect": str(meta.get("piece_aspect", 0.0))}
+    batch = {"images": {0: torch.export.Dim("batch")}}
+    with torch.no_grad():
+        if fmt == "torchscript":
+            with warnings.catch_warnings():  # the sizes it fixes are S, which ShapeChecked guards
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                traced = torch.jit.trace(wrapper, example)
+            torch.jit.script(ShapeChecked(traced, meta["channels"], meta["size"])).save(
+                out, _extra_files={k: v.encode() for k, v in props.items()})
+        elif fmt == "pt2":
+            torch.export.save(torch.export.export(wrapper, (example,), dynamic_shapes=batch), out,
+                              extra_files=props)
+        else:
+            _write_onnx(wrapper, example, batch, out, props)
+    return out
+
+
+def _check_out(out: str, fmt: str) -> None:
     if os.path.isdir(out):
-        raise ValueError(f"{out}: is a folder; --out takes a file name such as model.{fmt[:4]}")
+        suffix = {"torchscript": "pt"}.get(fmt, fmt)
+        raise ValueError(f"{out}: is a folder; --out takes a file name such as model.{suffix}")
     folder = os.path.dirname(os.path.abspath(out))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -76,22 +105,27 @@ def export_run(run_dir: str, fmt: str, out: str, batch_size: int = 1, map_kind: 
         raise OSError(f"{out}: cannot make its folder ({e.strerror}); choose another --out") from None
     if not os.access(out if os.path.exists(out) else folder, os.W_OK):
         raise OSError(f"{out}: not writable; choose another --out")
-    with torch.no_grad():
-        size = str(meta["size"])
-        aspect = str(meta.get("piece_aspect", 0.0))
-        if fmt == "torchscript":
-            traced = torch.jit.trace(wrapper, example)
-            torch.jit.script(ShapeChecked(traced, meta["channels"], meta["size"])).save(
-                out, _extra_files={"input_size": size.encode(), "piece_aspect": aspect.encode()})
-        else:
-            import onnx
-            buffer = io.BytesIO()  # in memory: the file is written once, metadata included
-            torch.onnx.export(wrapper, (example,), buffer, input_names=["images"],
-                              output_names=["anomaly_map"], opset_version=17,
-                              dynamic_axes={"images": {0: "batch"}, "anomaly_map": {0: "batch"}},
-                              dynamo=False)
-            exported = onnx.load_model_from_string(buffer.getvalue())
-            onnx.helper.set_model_props(exported, {"input_size": size, "map": map_kind,
-                                                   "piece_aspect": aspect})
-            onnx.save(exported, out)
-    return out
+
+
+def _write_onnx(wrapper, example, dynamic_shapes, out: str, props: dict) -> None:
+    """``wrapper`` through PyTorch's torch.export-based exporter, ``props`` as metadata, one file."""
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (the exporter's translator; without it torch fails late)
+    except ImportError as e:
+        raise RuntimeError(f"ONNX export needs the {e.name} package: pip install onnx onnxscript "
+                           "(or the package's [export] extra)") from None
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # it lists every torchvision op it skips, as warnings
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            exported = torch.onnx.export(wrapper, (example,), None, input_names=["images"],
+                                         output_names=["anomaly_map"], dynamo=True,
+                                         dynamic_shapes=dynamic_shapes, verbose=False)
+    finally:
+        logger.setLevel(level)
+    proto = exported.model_proto
+    onnx.helper.set_model_props(proto, props)
+    onnx.save(proto, out)

@@ -190,18 +190,26 @@ def test_test_predict_export_end_to_end(tiny_run, tmp_path):
 
 
 def _assert_exports_match(run, x, ref, tmp_path):
-    """TorchScript and ONNX exports of ``run`` give the map ``ref`` on ``x``."""
+    """TorchScript, .pt2 and ONNX exports of ``run`` give the map ``ref`` on ``x``, any batch."""
     r = CliRunner()
     ts = str(tmp_path / "m.pt")
     assert r.invoke(main, ["export", run, "--format", "torchscript", "--out", ts]).exit_code == 0
     with torch.no_grad():
         assert_close(torch.jit.load(ts)(x).numpy(), ref, atol=1e-5)
+    pt2 = str(tmp_path / "m.pt2")
+    res = r.invoke(main, ["export", run, "--format", "pt2", "--out", pt2])
+    assert res.exit_code == 0, res.output
+    program = torch.export.load(pt2).module()
+    with torch.no_grad():
+        assert_close(program(x).numpy(), ref, atol=1e-5)
+        assert_close(program(x[:1]).numpy(), ref[:1], atol=1e-5)
     onnx_path = str(tmp_path / "m.onnx")
     res = r.invoke(main, ["export", run, "--format", "onnx", "--out", onnx_path])
     assert res.exit_code == 0, res.output
     import onnxruntime as ort
     sess = ort.InferenceSession(onnx_path)
     assert_close(sess.run(None, {"images": x.numpy()})[0], ref, atol=1e-4)
+    assert_close(sess.run(None, {"images": x[1:].numpy()})[0], ref[1:], atol=1e-4)
     size = x.shape[-1]
     assert sess.get_modelmeta().custom_metadata_map["input_size"] == str(size)
     # traced at the run's size: any other size is refused, not answered with a wrong map
@@ -209,6 +217,8 @@ def _assert_exports_match(run, x, ref, tmp_path):
     with pytest.raises(Exception, match=rf"takes images \[B, {x.shape[1]}, {size}, {size}\].*"
                                         rf"resize them to {size} x {size}"):
         torch.jit.load(ts)(bigger)
+    with pytest.raises(Exception, match=rf"images.size\(\)\[2\] == {size}"):
+        program(bigger)
     with pytest.raises(Exception, match="images"):
         sess.run(None, {"images": bigger.numpy()})
 
@@ -365,7 +375,7 @@ def test_combined_maps_scale_head_and_student_teacher_maps_on_normals(tiny_run, 
     assert res.exit_code == 2 and "train/good: missing" in res.output.replace(os.sep, "/")
 
 
-def test_bad_inputs_to_test_and_predict(tiny_run, tmp_path):
+def test_bad_inputs_to_test_and_predict(tiny_run, tmp_path, monkeypatch):
     r = CliRunner()
     run, data = str(tiny_run / "run"), tiny_run / "data"
     res = r.invoke(main, ["test", run, "--data", str(tmp_path / "nothing")])
@@ -410,8 +420,13 @@ def test_bad_inputs_to_test_and_predict(tiny_run, tmp_path):
                           "--threshold", "nan"])
     assert res.exit_code == 2 and "'nan' is not a finite number" in res.output
     assert not os.path.exists(tmp_path / "p4")
-    res = r.invoke(main, ["export", run, "--format", "onnx", "--out", str(tmp_path)])
-    assert res.exit_code == 2 and "is a folder; --out takes a file name" in res.output
+    res = r.invoke(main, ["export", run, "--format", "torchscript", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "is a folder; --out takes a file name such as model.pt" in res.output
+    with monkeypatch.context() as m:
+        m.setitem(__import__("sys").modules, "onnxscript", None)  # as if it were not installed
+        res = r.invoke(main, ["export", run, "--format", "onnx", "--out", str(tmp_path / "x.onnx")])
+    assert res.exit_code == 2 and "needs the onnxscript package: pip install" in res.output
+    assert not os.path.exists(tmp_path / "x.onnx")
     old = tmp_path / "oldrun"
     old.mkdir()
     state = torch.load(os.path.join(run, "model.pt"), weights_only=False)
@@ -778,6 +793,9 @@ def test_a_pieces_run_tests_and_predicts_whole_images(tmp_path):
     files = {"piece_aspect": ""}
     torch.jit.load(export_run(run, "torchscript", str(tmp_path / "m.pt")), _extra_files=files)
     assert files["piece_aspect"] == b"1.0"
+    files = {"piece_aspect": "", "map": ""}
+    torch.export.load(export_run(run, "pt2", str(tmp_path / "m.pt2")), extra_files=files)
+    assert (files["piece_aspect"], files["map"], files["input_size"]) == ("1.0", "head", "32")
     with open(os.path.join(out, "scores.csv")) as fh:
         assert float(next(csv.DictReader(fh))["score_max"]) == pytest.approx(
             want_max[ts.paths.index(os.path.join(data, "test", "spot", "0.png"))], abs=2e-6)
