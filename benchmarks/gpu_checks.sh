@@ -4,7 +4,7 @@
 # H100 in session 5): this GPU's own baselines (Lite0 and ResNet-18, captured), then
 # torch.compile with CUDA graphs (reduce-overhead), fp32, plain torch.compile and a kernel
 # profile, about 1-3 min each. Then the Magnetic Tile pipeline on tiles cut into pieces
-# (generate --pieces auto; ~3 min). Then the pipeline with the small-defects options on
+# (generate --pieces auto; ~3 min), fractal then area-matched rectangle masks. Then the pipeline with the small-defects options on
 # twice the paper schedule plus a cool-down, fractal against rectangle masks, on a second
 # seed, each tested with the head's map and the combined map (~5 min each); the CPU's 128 px
 # batch-32 recipe, both mask sources, two seeds; the weights' moving average (--ema); the
@@ -64,6 +64,10 @@ long=(--epochs 200 --cooldown-steps 611 --seed 1)
 # three seeds (up on seeds 0 and 1, down on seed 2). At 256 px, seed 0, twice the schedule, against session 9's
 # 0.893 / 0.964 / 0.821 (head's map) at 2,444 steps
 LIMIT=240 run mtd_small_fractal_kd_e200_pieces "${mtd[@]}" "${small[@]}" --epochs 200 --pieces auto --combined --cuda-graph
+# session 27, CPU 128 px: with pieces, fractal masks led area-matched rectangles on seeds 0 and 1
+# (stretched, rectangles led); the same pair at 256 px
+LIMIT=240 run mtd_small_rectangle_kd_e200_pieces "${mtd[@]}" "${small[@]}" --epochs 200 --pieces auto --combined --cuda-graph \
+  --mask-source rectangle --cut-scale 0.03-0.38
 LIMIT=290 run mtd_small_fractal_kd_e200_s1 "${mtd[@]}" "${small[@]}" "${long[@]}" --combined --cuda-graph
 graph=(--cuda-graph); grep -q Traceback /tmp/mtd_small_fractal_kd_e200_s1.err && graph=()  # a failure, not a timeout
 LIMIT=290 run mtd_small_rectangle_kd_e200_s1 "${mtd[@]}" "${small[@]}" "${long[@]}" --combined --mask-source rectangle "${graph[@]}"
