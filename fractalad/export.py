@@ -2,7 +2,7 @@
 [B, C, S, S] in [0, 1], output the anomaly map [B, 1, S, S]: the head's sigmoid, or the
 combined map ``test --map combined`` scaled.
 
-ONNX and .pt2 come from one ``torch.export`` graph (PyTorch's successor to tracing, which it
+ONNX and .pt2 are both built by ``torch.export`` (PyTorch's successor to tracing, which it
 deprecates); TorchScript is traced, for runtimes that still load it. Every format takes the
 run's own size S only, with any batch size: a model trained at S scores other sizes badly, and
 the graph records S (the backbone's TF-"same" padding, the flow head's sampling grids). ONNX
