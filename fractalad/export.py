@@ -61,7 +61,7 @@ class ShapeChecked(torch.nn.Module):
         return self.traced(images)
 
 
-def export_run(run_dir: str, fmt: str, out: str, batch_size: int = 2, map_kind: str = "head",
+def export_run(run_dir: str, fmt: str, out: str, map_kind: str = "head",
                trained: bool = False) -> str:
     """Write ``out`` in ``fmt`` ('onnx', 'pt2' or 'torchscript'); returns the path.
 
@@ -73,8 +73,8 @@ def export_run(run_dir: str, fmt: str, out: str, batch_size: int = 2, map_kind: 
     model, meta = load_run(run_dir, "cpu", trained)
     norm = saved_map_norm(run_dir) if map_kind == "combined" else None
     wrapper = AnomalyMapModel(model, norm).eval()
-    # a batch of 2: torch.export would take a batch of 1 for a constant
-    example = torch.rand(max(2, batch_size), meta["channels"], meta["size"], meta["size"])
+    # every format takes any batch; a batch of 2 because torch.export takes 1 for a constant
+    example = torch.rand(2, meta["channels"], meta["size"], meta["size"])
     _check_out(out, fmt)
     props = {"input_size": str(meta["size"]), "map": map_kind,
              "piece_aspect": str(meta.get("piece_aspect", 0.0))}
