@@ -212,6 +212,10 @@ def _assert_exports_match(run, x, ref, tmp_path):
     assert_close(sess.run(None, {"images": x[1:].numpy()})[0], ref[1:], atol=1e-4)
     size = x.shape[-1]
     assert sess.get_modelmeta().custom_metadata_map["input_size"] == str(size)
+    # the README's onnxruntime floor (1.18) holds only up to IR version 10 and opset 20
+    import onnx
+    proto = onnx.load(onnx_path, load_external_data=False)
+    assert proto.ir_version <= 10 and max(o.version for o in proto.opset_import if not o.domain) <= 20
     # traced at the run's size: any other size is refused, not answered with a wrong map
     bigger = torch.rand(1, x.shape[1], 2 * size, 2 * size)
     with pytest.raises(Exception, match=rf"takes images \[B, {x.shape[1]}, {size}, {size}\].*"
