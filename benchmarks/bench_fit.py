@@ -56,7 +56,8 @@ def main(argv=None):
                     help="torch.compile's mode (with --compile); reduce-overhead adds CUDA graphs")
     ap.add_argument("--cuda-graph", action="store_true", help="capture the step as a CUDA graph")
     ap.add_argument("--no-channels-last", action="store_true")
-    ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    ap.add_argument("--fp32", action="store_true",
+                    help="no bf16 autocast (default: on CUDA and CPUs with AVX512-BF16 or AMX)")
     ap.add_argument("--profile", metavar="PATH", default=None,
                     help="also write the top kernels of 10 resident steps (torch.profiler table) to PATH")
     args = ap.parse_args(argv)
@@ -104,7 +105,7 @@ def main(argv=None):
     result = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()}",
         "backbone": args.backbone, "batch_size": args.batch_size, "size": args.size, "kd": args.kd,
-        "bf16": cfg.bf16 and dev.type == "cuda", "channels_last": cfg.channels_last,
+        "bf16": tr.bf16, "channels_last": cfg.channels_last,
         "compile": args.compile and args.compile_mode, "cuda_graph": args.cuda_graph, "workers": args.workers, "steps": args.steps,
         "shard_samples_per_s": round(shard_sps, 1), "resident_samples_per_s": round(resident_sps, 1),
         "ratio": round(shard_sps / resident_sps, 3),

@@ -129,6 +129,9 @@ def main(argv=None):
     ap.add_argument("--tta", action="store_true",
                     help="also test with flip-averaged maps (metrics_tta)")
     ap.add_argument("--cuda-graph", action="store_true", help="capture the training step (fit --cuda-graph)")
+    ap.add_argument("--fp32", action="store_true",
+                    help="train in float32 (fit --fp32; default: bf16 autocast on CUDA and on CPUs "
+                         "with AVX512-BF16 or AMX)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
@@ -163,7 +166,8 @@ def main(argv=None):
                     zoom=args.zoom, input_blur=args.input_blur, decay_steps=args.decay_steps,
                     ema=args.ema, epochs=args.epochs, steps=args.steps,
                     batch_size=args.batch_size, seed=args.seed,
-                    device=args.device, workers=args.workers, cuda_graph=args.cuda_graph)
+                    device=args.device, workers=args.workers, cuda_graph=args.cuda_graph,
+                    bf16=not args.fp32)
     # every training sample is a fresh one, the cool-down's too
     n = (cfg.total_steps() + args.cooldown_steps) * args.batch_size
     seconds = {}
@@ -203,7 +207,7 @@ def main(argv=None):
         "dilate": args.dilate, "pixel_resolution": args.pixel_resolution, "smooth": args.smooth,
         "seed": args.seed, "holdout": args.holdout, "pieces": args.pieces,
         "size": args.size, "steps": summary["steps"], "batch_size": args.batch_size,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "autocast": summary["autocast"],
         "train_samples_per_s": round(summary["samples_per_s"], 1),
         "test_images_per_s": round(report["images_per_s"], 1),
         "stage_seconds": {k: round(v, 1) for k, v in seconds.items()},

@@ -61,7 +61,7 @@ class FitConfig:
     seed: int = 0
     device: str = "auto"
     workers: int = 2
-    bf16: bool = True  # autocast on CUDA only
+    bf16: bool = True  # autocast where bf16 is native: CUDA, CPUs with AVX512-BF16 or AMX
     compile: bool = False
     compile_mode: str = "default"  # torch.compile's mode; 'reduce-overhead' adds CUDA graphs
     cuda_graph: bool = False  # capture the step once, replay it (one GPU, static shapes)
@@ -125,6 +125,15 @@ def pick_device(name: str) -> torch.device:
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
     return torch.device(name)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: CUDA, or a CPU with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return True
+    # without these instructions oneDNN emulates bf16, slower than float32
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def _dist_info():
@@ -193,6 +202,7 @@ class Trainer:
         self.model = FractalAD(cfg.backbone, cfg.kd, cfg.weights, cfg.pretrained,
                                cfg.head_width, cfg.input_blur).to(self.device)
         self.model.train()
+        self.bf16 = cfg.bf16 and native_bf16(self.device)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.backends.cudnn.benchmark = True
@@ -235,7 +245,7 @@ class Trainer:
         """Forward, backward and optimizer step on zeroed (or capture-fresh) gradients."""
         # autocast's weight-cast cache would hold tensors made outside a captured graph
         with torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not self.cfg.cuda_graph,
-                            enabled=self.cfg.bf16 and self.device.type == "cuda"):
+                            enabled=self.bf16):
             total, kd, seg = self.net(anomalous, normal, mask)
         total.backward()
         self.opt.step()
@@ -397,7 +407,7 @@ def write_json(path: str, obj: dict) -> None:
 # taken keep their learning rates, so N steps and then M more equal N + M in one go; the rest
 # set how a run executes or reports (a run captured on a GPU may go on eager, or on the CPU)
 RESUME_MAY_CHANGE = ("epochs", "steps", "decay_steps", "workers", "log_every", "checkpoint_every",
-                     "device", "compile", "compile_mode", "cuda_graph")
+                     "device", "compile", "compile_mode", "cuda_graph", "bf16")
 
 
 def _save_holdout(shards_dir: str, path: str) -> None:
@@ -428,6 +438,8 @@ def run_metadata(cfg: FitConfig, shards_dir: str, trainer: Trainer) -> dict:
             "shards_params_hash": trainer.shards.manifest["params_hash"],
             # > 0: the normals were cut into pieces of this width / height; test images are too
             "piece_aspect": float(trainer.shards.params.get("piece_aspect", 0.0)),
+            # what the steps ran in: fit.bf16 asks, the device decides (native_bf16)
+            "autocast": "bfloat16" if trainer.bf16 else "float32",
             # float sums depend on how a step's work is split: the same seed repeats the same
             # weights only with the same torch and, on the CPU, the same number of threads
             "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -496,7 +508,7 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
         steps = f"training steps {start + 1}-{total}" if start < total else "no steps left to train"
         log(f"{out_dir}: {f'resuming after step {start}, ' if resume else ''}{steps} ({per_step}), "
             f"{cfg.backbone} {'with distillation' if cfg.kd else 'in texture mode'}, "
-            f"{trainer.shards.size} px, on {where}")
+            f"{trainer.shards.size} px, on {where}, {meta['autocast']}")
         bar = tqdm(total=total, initial=trainer.step_count, desc="fit", unit="step", dynamic_ncols=True)
     sums = torch.zeros(3, device=device)
     count = 0
@@ -552,5 +564,5 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
             final["trained"] = trainer.model.trainable_state()
         _atomic_save(final, os.path.join(out_dir, "model.pt"))
     done = trainer.step_count - start
-    return {"steps": trainer.step_count, "seconds": seconds,
+    return {"steps": trainer.step_count, "seconds": seconds, "autocast": meta["autocast"],
             "samples_per_s": done * cfg.batch_size * trainer.world / max(seconds, 1e-9), **last}

@@ -9,7 +9,8 @@ import torch
 
 from fractalsynth.anomaly import AnomalyConfig
 from fractalsynth.generate import generate
-from fractalad.train import FitConfig, Trainer, fit, run_metadata
+from fractalad import train
+from fractalad.train import FitConfig, Trainer, fit, native_bf16, run_metadata
 from compare import assert_close
 
 
@@ -532,7 +533,8 @@ def test_ddp_fit_ranks_stop_together_on_one_ranks_nan(tiny_shards, tmp_path):
 def test_a_compiled_step_trains_like_the_eager_one(tiny_shards):
     losses = {}
     for compiled in (False, True):  # fit --compile: torch.compile of the whole training step
-        tr = Trainer(tiny_shards, _cfg(steps=3, compile=compiled))
+        # float32: bf16 autocast rounds differently where the compiled kernels fuse ops
+        tr = Trainer(tiny_shards, _cfg(steps=3, compile=compiled, bf16=False))
         losses[compiled] = [[float(v) for v in tr.step(b)] for b in tr.batches_from(0, 3, 0)]
     assert_close(losses[True][0], losses[False][0], rtol=1e-5)  # the same weights, the same loss
     # then the same updates, up to the compiled kernels' rounding (Adam's first steps
@@ -552,6 +554,62 @@ def test_compile_mode_reaches_torch_compile(tiny_shards, tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["fit", tiny_shards, "--out", str(tmp_path / "r"),
                                     "--compile-mode", "reduce-overhead"])
     assert res.exit_code == 2 and "--compile-mode needs --compile" in res.output
+
+
+def test_native_bf16_follows_the_cpus_instructions(monkeypatch):
+    for avx512_bf16, amx, native in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert native_bf16(torch.device("cpu")) is native
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # an older torch lacks the probes
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert native_bf16(torch.device("cpu")) is False
+    assert native_bf16(torch.device("cuda")) is True
+
+
+@pytest.mark.parametrize("asked,native,runs_in", [(True, True, torch.bfloat16),
+                                                  (True, False, torch.float32),
+                                                  (False, True, torch.float32)])
+def test_the_step_autocasts_to_bf16_only_where_asked_and_native(tiny_shards, monkeypatch, asked,
+                                                                 native, runs_in):
+    monkeypatch.setattr(train, "native_bf16", lambda device: native)
+    tr = Trainer(tiny_shards, _cfg(steps=1, bf16=asked))
+    conv = next(m for m in tr.model.modules() if isinstance(m, torch.nn.Conv2d))
+    seen = []
+    conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    losses = [float(v) for v in tr.step(next(iter(tr.batches_from(0, 1, 0))))]
+    assert seen and set(seen) == {runs_in} and np.isfinite(losses).all()
+    assert all(p.dtype == torch.float32 for p in tr.model.parameters())  # the master weights
+    want = "bfloat16" if runs_in == torch.bfloat16 else "float32"
+    assert run_metadata(tr.cfg, tiny_shards, tr)["autocast"] == want
+
+
+def test_fit_fp32_flag_reaches_the_config(tiny_shards, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from fractalad.cli import main
+    seen = []
+    summary = {"steps": 1, "samples_per_s": 1.0, "loss": 1.0}
+    monkeypatch.setattr(train, "fit", lambda shards, out, cfg, resume: seen.append(cfg.bf16) or summary)
+    for flag, bf16 in (([], True), (["--fp32"], False), (["--bf16"], True)):
+        res = CliRunner().invoke(main, ["fit", tiny_shards, "--out", str(tmp_path / "r")] + flag)
+        assert res.exit_code == 0, res.output
+        assert seen.pop() is bf16
+
+
+def test_a_resume_may_switch_to_float32(tiny_shards, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from fractalad.cli import main
+    monkeypatch.setattr(train, "native_bf16", lambda device: True)  # any CPU: emulated if need be
+    out = str(tmp_path / "run")
+    fit(tiny_shards, out, _cfg(steps=2), progress=False)
+    with open(os.path.join(out, "config.json")) as fh:
+        assert json.load(fh)["autocast"] == "bfloat16"
+    res = CliRunner().invoke(main, ["fit", tiny_shards, "--out", out, "--resume", "--steps", "3", "--fp32"])
+    assert res.exit_code == 0, res.output
+    assert "resuming after step 2" in res.output and "float32" in res.output
+    with open(os.path.join(out, "config.json")) as fh:
+        meta = json.load(fh)
+    assert meta["autocast"] == "float32" and meta["fit"]["bf16"] is False
 
 
 def _ddp_full_fit_worker(rank, shards, out, steps, resume):
