@@ -129,9 +129,9 @@ def main(argv=None):
     ap.add_argument("--tta", action="store_true",
                     help="also test with flip-averaged maps (metrics_tta)")
     ap.add_argument("--cuda-graph", action="store_true", help="capture the training step (fit --cuda-graph)")
-    ap.add_argument("--fp32", action="store_true",
-                    help="train in float32 (fit --fp32; default: bf16 autocast on CUDA and on CPUs "
-                         "with AVX512-BF16 or AMX)")
+    ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="fit --precision: auto (bf16 autocast on CUDA, float32 on the CPU), bf16 "
+                         "(also on CPUs with AVX512-BF16 or AMX), fp32")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
@@ -149,7 +149,7 @@ def main(argv=None):
 
     from fractalsynth.anomaly import AnomalyConfig, parse_mix
     from fractalsynth.generate import check_pieces, generate
-    from fractalad.train import FitConfig, fit
+    from fractalad.train import PRECISIONS, FitConfig, fit
 
     try:  # bad synthesis options fail here, before any work, as one line
         synth = AnomalyConfig(size=args.size, mask_source=args.mask_source,
@@ -167,7 +167,7 @@ def main(argv=None):
                     ema=args.ema, epochs=args.epochs, steps=args.steps,
                     batch_size=args.batch_size, seed=args.seed,
                     device=args.device, workers=args.workers, cuda_graph=args.cuda_graph,
-                    bf16=not args.fp32)
+                    **PRECISIONS[args.precision])
     # every training sample is a fresh one, the cool-down's too
     n = (cfg.total_steps() + args.cooldown_steps) * args.batch_size
     seconds = {}

@@ -4,8 +4,8 @@
 
 Two trainers start from the same weights (the Lite0 teacher's ImageNet checkpoint, the student
 and head from the seed) and take the same --steps device-resident batches of real shards, one
-in float32 and one as ``fit`` runs by default (bf16 where the device computes it natively:
-CUDA, CPUs with AVX512-BF16 or AMX). The modes alternate for --rounds rounds, so a machine that
+as ``fit --precision fp32`` trains and one as ``fit --precision bf16`` does (bf16 autocast where
+the device computes it natively: CUDA, CPUs with AVX512-BF16 or AMX). The modes alternate for --rounds rounds, so a machine that
 slows down part-way slows both. Prints one final JSON line: samples/s of each, their ratio,
 and each mode's mean loss over the last round.
 """
@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from benchmarks.bench_fit import DEFAULT_NORMALS  # noqa: E402
 from benchmarks.bench_loader import remove_temporary, sync_device, temporary_shards  # noqa: E402
-from fractalad.train import FitConfig, Trainer, native_bf16  # noqa: E402
+from fractalad.train import PRECISIONS, FitConfig, Trainer, native_bf16  # noqa: E402
 
 
 def main(argv=None):
@@ -44,10 +44,10 @@ def main(argv=None):
     # pretrained only where the weights ship offline (the default teacher)
     pretrained = args.backbone == "efficientnet_lite0"
     trainers = {}
-    for mode in ("float32", "bf16"):
+    for mode, precision in (("float32", "fp32"), ("bf16", "bf16")):
         cfg = FitConfig(backbone=args.backbone, pretrained=pretrained, kd=args.kd,
                         batch_size=args.batch_size, device=args.device, workers=0,
-                        bf16=mode == "bf16", steps=args.rounds * args.steps + 2)
+                        **PRECISIONS[precision], steps=args.rounds * args.steps + 2)
         trainers[mode] = Trainer(shards, cfg)
     dev = trainers["float32"].device
     tr = trainers["float32"]

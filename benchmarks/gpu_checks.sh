@@ -64,6 +64,10 @@ long=(--epochs 200 --cooldown-steps 611 --seed 1)
 # three seeds (up on seeds 0 and 1, down on seed 2). At 256 px, seed 0, twice the schedule, against session 9's
 # 0.893 / 0.964 / 0.821 (head's map) at 2,444 steps
 LIMIT=240 run mtd_small_fractal_kd_e200_pieces "${mtd[@]}" "${small[@]}" --epochs 200 --pieces auto --combined --cuda-graph
+# session 29: every GPU run so far trained with bf16 autocast, the CPU's 128 px runs in float32;
+# on the CPU bf16 scored a little below float32 on paired seeds (docs/magnetic_tile.md, "bf16
+# autocast on the CPU"). The run above in float32: the same shards and batches, only the precision
+LIMIT=240 run mtd_small_fractal_kd_e200_pieces_fp32 "${mtd[@]}" "${small[@]}" --epochs 200 --pieces auto --combined --cuda-graph --precision fp32
 # session 27, CPU 128 px: with pieces, fractal masks led area-matched rectangles on seeds 0 and 1
 # (stretched, rectangles led); the same pair at 256 px
 LIMIT=240 run mtd_small_rectangle_kd_e200_pieces "${mtd[@]}" "${small[@]}" --epochs 200 --pieces auto --combined --cuda-graph \

@@ -61,7 +61,8 @@ class FitConfig:
     seed: int = 0
     device: str = "auto"
     workers: int = 2
-    bf16: bool = True  # autocast where bf16 is native: CUDA, CPUs with AVX512-BF16 or AMX
+    bf16: bool = True  # autocast to bf16 on CUDA
+    cpu_bf16: bool = False  # and on CPUs that compute it natively (1.5-2.1x; scored a little lower)
     compile: bool = False
     compile_mode: str = "default"  # torch.compile's mode; 'reduce-overhead' adds CUDA graphs
     cuda_graph: bool = False  # capture the step once, replay it (one GPU, static shapes)
@@ -127,11 +128,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# fit --precision: the FitConfig settings of each choice
+PRECISIONS = {"auto": {"bf16": True, "cpu_bf16": False}, "bf16": {"bf16": True, "cpu_bf16": True},
+              "fp32": {"bf16": False, "cpu_bf16": False}}
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 natively: CUDA, or a CPU with AVX512-BF16 or AMX."""
     if device.type == "cuda":
         return True
-    # without these instructions oneDNN emulates bf16, slower than float32
+    # elsewhere oneDNN would emulate bf16: not measured, so such CPUs keep float32
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
@@ -202,7 +208,7 @@ class Trainer:
         self.model = FractalAD(cfg.backbone, cfg.kd, cfg.weights, cfg.pretrained,
                                cfg.head_width, cfg.input_blur).to(self.device)
         self.model.train()
-        self.bf16 = cfg.bf16 and native_bf16(self.device)
+        self.bf16 = cfg.bf16 and native_bf16(self.device) and (self.device.type == "cuda" or cfg.cpu_bf16)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.backends.cudnn.benchmark = True
@@ -407,7 +413,7 @@ def write_json(path: str, obj: dict) -> None:
 # taken keep their learning rates, so N steps and then M more equal N + M in one go; the rest
 # set how a run executes or reports (a run captured on a GPU may go on eager, or on the CPU)
 RESUME_MAY_CHANGE = ("epochs", "steps", "decay_steps", "workers", "log_every", "checkpoint_every",
-                     "device", "compile", "compile_mode", "cuda_graph", "bf16")
+                     "device", "compile", "compile_mode", "cuda_graph", "bf16", "cpu_bf16")
 
 
 def _save_holdout(shards_dir: str, path: str) -> None:
@@ -438,7 +444,7 @@ def run_metadata(cfg: FitConfig, shards_dir: str, trainer: Trainer) -> dict:
             "shards_params_hash": trainer.shards.manifest["params_hash"],
             # > 0: the normals were cut into pieces of this width / height; test images are too
             "piece_aspect": float(trainer.shards.params.get("piece_aspect", 0.0)),
-            # what the steps ran in: fit.bf16 asks, the device decides (native_bf16)
+            # what the steps ran in: fit.bf16 / fit.cpu_bf16 ask, the device decides (native_bf16)
             "autocast": "bfloat16" if trainer.bf16 else "float32",
             # float sums depend on how a step's work is split: the same seed repeats the same
             # weights only with the same torch and, on the CPU, the same number of threads

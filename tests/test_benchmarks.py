@@ -60,7 +60,7 @@ def test_loader_and_fit_benchmarks(tiny_mvtec, tmp_path):
     assert "convolution" in profile.read_text()
     precision = _bench("bench_precision.py", "--size", 32, "--batch-size", 2, "--steps", 1,
                        "--rounds", 1, "--batches", 2, "--device", "cpu", "--normals", normals)
-    assert precision["bf16_autocast"] == precision["native_bf16"] == fit["bf16"]
+    assert precision["bf16_autocast"] == precision["native_bf16"] and fit["bf16"] is False  # CPU: auto
     assert precision["float32_samples_per_s"] > 0 and precision["bf16_samples_per_s"] > 0
     assert 0 < precision["float32_last_round_loss"] < 100 and 0 < precision["bf16_last_round_loss"] < 100
     layout = _bench("bench_layout.py", "--size", 32, "--batch-size", 2, "--steps", 1, "--rounds", 1)

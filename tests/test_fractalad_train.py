@@ -533,8 +533,7 @@ def test_ddp_fit_ranks_stop_together_on_one_ranks_nan(tiny_shards, tmp_path):
 def test_a_compiled_step_trains_like_the_eager_one(tiny_shards):
     losses = {}
     for compiled in (False, True):  # fit --compile: torch.compile of the whole training step
-        # float32: bf16 autocast rounds differently where the compiled kernels fuse ops
-        tr = Trainer(tiny_shards, _cfg(steps=3, compile=compiled, bf16=False))
+        tr = Trainer(tiny_shards, _cfg(steps=3, compile=compiled))
         losses[compiled] = [[float(v) for v in tr.step(b)] for b in tr.batches_from(0, 3, 0)]
     assert_close(losses[True][0], losses[False][0], rtol=1e-5)  # the same weights, the same loss
     # then the same updates, up to the compiled kernels' rounding (Adam's first steps
@@ -567,13 +566,14 @@ def test_native_bf16_follows_the_cpus_instructions(monkeypatch):
     assert native_bf16(torch.device("cuda")) is True
 
 
-@pytest.mark.parametrize("asked,native,runs_in", [(True, True, torch.bfloat16),
-                                                  (True, False, torch.float32),
-                                                  (False, True, torch.float32)])
-def test_the_step_autocasts_to_bf16_only_where_asked_and_native(tiny_shards, monkeypatch, asked,
-                                                                 native, runs_in):
+@pytest.mark.parametrize("precision,native,runs_in", [("bf16", True, torch.bfloat16),
+                                                      ("bf16", False, torch.float32),
+                                                      ("auto", True, torch.float32),  # CPU
+                                                      ("fp32", True, torch.float32)])
+def test_the_cpu_step_autocasts_to_bf16_only_where_asked_and_native(tiny_shards, monkeypatch,
+                                                                     precision, native, runs_in):
     monkeypatch.setattr(train, "native_bf16", lambda device: native)
-    tr = Trainer(tiny_shards, _cfg(steps=1, bf16=asked))
+    tr = Trainer(tiny_shards, _cfg(steps=1, **train.PRECISIONS[precision]))
     conv = next(m for m in tr.model.modules() if isinstance(m, torch.nn.Conv2d))
     seen = []
     conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
@@ -584,32 +584,34 @@ def test_the_step_autocasts_to_bf16_only_where_asked_and_native(tiny_shards, mon
     assert run_metadata(tr.cfg, tiny_shards, tr)["autocast"] == want
 
 
-def test_fit_fp32_flag_reaches_the_config(tiny_shards, tmp_path, monkeypatch):
+def test_fit_precision_option_reaches_the_config(tiny_shards, tmp_path, monkeypatch):
     from click.testing import CliRunner
     from fractalad.cli import main
     seen = []
     summary = {"steps": 1, "samples_per_s": 1.0, "loss": 1.0}
-    monkeypatch.setattr(train, "fit", lambda shards, out, cfg, resume: seen.append(cfg.bf16) or summary)
-    for flag, bf16 in (([], True), (["--fp32"], False), (["--bf16"], True)):
+    monkeypatch.setattr(train, "fit", lambda shards, out, cfg, resume: seen.append(
+        (cfg.bf16, cfg.cpu_bf16)) or summary)
+    for flag, settings in (([], (True, False)), (["--precision", "fp32"], (False, False)),
+                           (["--precision", "bf16"], (True, True))):
         res = CliRunner().invoke(main, ["fit", tiny_shards, "--out", str(tmp_path / "r")] + flag)
         assert res.exit_code == 0, res.output
-        assert seen.pop() is bf16
+        assert seen.pop() == settings
 
 
-def test_a_resume_may_switch_to_float32(tiny_shards, tmp_path, monkeypatch):
+def test_a_resume_keeps_the_runs_precision_or_switches_it(tiny_shards, tmp_path, monkeypatch):
     from click.testing import CliRunner
     from fractalad.cli import main
     monkeypatch.setattr(train, "native_bf16", lambda device: True)  # any CPU: emulated if need be
     out = str(tmp_path / "run")
-    fit(tiny_shards, out, _cfg(steps=2), progress=False)
-    with open(os.path.join(out, "config.json")) as fh:
-        assert json.load(fh)["autocast"] == "bfloat16"
-    res = CliRunner().invoke(main, ["fit", tiny_shards, "--out", out, "--resume", "--steps", "3", "--fp32"])
-    assert res.exit_code == 0, res.output
-    assert "resuming after step 2" in res.output and "float32" in res.output
-    with open(os.path.join(out, "config.json")) as fh:
-        meta = json.load(fh)
-    assert meta["autocast"] == "float32" and meta["fit"]["bf16"] is False
+    fit(tiny_shards, out, _cfg(steps=2, **train.PRECISIONS["bf16"]), progress=False)
+
+    def resumed(steps, *flags):
+        res = CliRunner().invoke(main, ["fit", tiny_shards, "--out", out, "--resume", "--steps", steps, *flags])
+        assert res.exit_code == 0 and f"training steps {steps}-{steps}" in res.output, res.output
+        with open(os.path.join(out, "config.json")) as fh:
+            return json.load(fh)["autocast"]
+    assert resumed("3") == "bfloat16"  # the run's own setting, though the default is float32
+    assert resumed("4", "--precision", "fp32") == "float32"
 
 
 def _ddp_full_fit_worker(rank, shards, out, steps, resume):
