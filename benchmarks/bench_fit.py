@@ -57,7 +57,7 @@ def main(argv=None):
     ap.add_argument("--cuda-graph", action="store_true", help="capture the step as a CUDA graph")
     ap.add_argument("--no-channels-last", action="store_true")
     ap.add_argument("--fp32", action="store_true",
-                    help="no bf16 autocast (default: on CUDA and CPUs with AVX512-BF16 or AMX)")
+                    help="no bf16 autocast (default: on CUDA, as fit --precision auto)")
     ap.add_argument("--profile", metavar="PATH", default=None,
                     help="also write the top kernels of 10 resident steps (torch.profiler table) to PATH")
     args = ap.parse_args(argv)

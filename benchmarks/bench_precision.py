@@ -4,10 +4,10 @@
 
 Two trainers start from the same weights (the Lite0 teacher's ImageNet checkpoint, the student
 and head from the seed) and take the same --steps device-resident batches of real shards, one
-as ``fit --precision fp32`` trains and one as ``fit --precision bf16`` does (bf16 autocast where
-the device computes it natively: CUDA, CPUs with AVX512-BF16 or AMX). The modes alternate for --rounds rounds, so a machine that
-slows down part-way slows both. Prints one final JSON line: samples/s of each, their ratio,
-and each mode's mean loss over the last round.
+as ``fit --precision fp32`` trains and one as ``fit --precision bf16`` does (bf16 autocast
+where the device computes it natively: CUDA, CPUs with AVX512-BF16 or AMX). The modes
+alternate for --rounds rounds, so a machine that slows down part-way slows both. Prints one
+final JSON line: samples/s of each, their ratio, and each mode's mean loss over the last round.
 """
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ def main(argv=None):
                         batch_size=args.batch_size, device=args.device, workers=0,
                         **PRECISIONS[precision], steps=args.rounds * args.steps + 2)
         trainers[mode] = Trainer(shards, cfg)
-    dev = trainers["float32"].device
     tr = trainers["float32"]
+    dev = tr.device
     resident = [tr.to_inputs(b) for b in tr.batches_from(0, args.batches, 0)]
     seconds = {mode: 0.0 for mode in trainers}
     losses = {mode: [] for mode in trainers}

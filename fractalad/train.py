@@ -208,7 +208,7 @@ class Trainer:
         self.model = FractalAD(cfg.backbone, cfg.kd, cfg.weights, cfg.pretrained,
                                cfg.head_width, cfg.input_blur).to(self.device)
         self.model.train()
-        self.bf16 = cfg.bf16 and native_bf16(self.device) and (self.device.type == "cuda" or cfg.cpu_bf16)
+        self.bf16 = cfg.bf16 and (self.device.type == "cuda" or (cfg.cpu_bf16 and native_bf16(self.device)))
         cuda = self.device.type == "cuda"
         if cuda:
             torch.backends.cudnn.benchmark = True
