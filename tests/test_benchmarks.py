@@ -63,6 +63,10 @@ def test_loader_and_fit_benchmarks(tiny_mvtec, tmp_path):
     assert precision["bf16_autocast"] == precision["native_bf16"] and fit["bf16"] is False  # CPU: auto
     assert precision["float32_samples_per_s"] > 0 and precision["bf16_samples_per_s"] > 0
     assert 0 < precision["float32_last_round_loss"] < 100 and 0 < precision["bf16_last_round_loss"] < 100
+    heap = _bench("bench_cpu_heap.py", "--size", 32, "--batch-size", 2, "--steps", 1, "--rounds", 1,
+                  "--batches", 2, "--normals", normals)
+    assert heap["default_samples_per_s"] > 0 and heap["held_samples_per_s"] > 0
+    assert heap["default_last_loss"] == heap["held_last_loss"]  # same steps, same numbers
     layout = _bench("bench_layout.py", "--size", 32, "--batch-size", 2, "--steps", 1, "--rounds", 1)
     assert set(layout["train_samples_per_s"]) == {"nchw", "channels_last"} and layout["train_speedup"] > 0
     assert layout["map_max_abs_diff"] < 1e-4  # one model, two layouts: the same maps
