@@ -3,11 +3,11 @@
     python benchmarks/bench_cpu_heap.py --size 256 --batch-size 32
 
 glibc returns every freed block over 32 MB to the kernel, so a step whose activations are that
-large page-faults them in again each time. ``fractalad.train.hold_freed_memory`` (what ``fit``,
-``test`` and ``predict`` do on the CPU) makes it keep them. Each mode runs in its own process
-(the setting can not be undone), the modes alternating for --rounds rounds on the same real
-shards, seed and weights. Prints one final JSON line: samples/s, minor page faults per step and
-peak resident memory of each mode, the speed-up, and each mode's last loss (they must agree).
+large page-faults them in again each time. ``fractalad.train.hold_freed_memory`` (what ``fit``
+does on the CPU) makes it keep them. Each mode runs in its own process (the setting can not be
+undone), the modes alternating for --rounds rounds on the same real shards, seed and weights.
+Prints one final JSON line: samples/s, minor page faults per step and peak resident memory of
+each mode, the speed-up, and each mode's last loss (they must agree).
 """
 from __future__ import annotations
 

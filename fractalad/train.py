@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import ctypes
-import ctypes.util
 import json
 import math
 import os
@@ -69,7 +68,7 @@ class FitConfig:
     compile_mode: str = "default"  # torch.compile's mode; 'reduce-overhead' adds CUDA graphs
     cuda_graph: bool = False  # capture the step once, replay it (one GPU, static shapes)
     channels_last: bool = True
-    hold_memory: bool = True  # CPU: glibc keeps freed tensor memory (hold_freed_memory; 2.7x at 256 px)
+    hold_memory: bool = True  # CPU: glibc keeps freed tensor memory (hold_freed_memory; 2.8x at 256 px)
     checkpoint_every: int = 500
     log_every: int = 25
 
@@ -153,9 +152,9 @@ def hold_freed_memory() -> bool:
     """Make glibc keep freed CPU memory for reuse instead of returning it; True if it took."""
     # glibc serves blocks over 32 MB (a 256 px batch's activations) with fresh mmap pages and
     # unmaps them on free, so every step faults in gigabytes of zeroed pages again: on a 2-core VM
-    # the step ran 2.7x slower, the CPU busy in the kernel. The cost: the process keeps its peak.
+    # the step ran 2.8x slower, the CPU busy in the kernel. The cost: the process keeps its peak.
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the C library this process already runs on
         libc.gnu_get_libc_version  # noqa: B018 - glibc only: other C libraries read these differently
         return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
     except (OSError, AttributeError):
