@@ -67,6 +67,10 @@ def test_loader_and_fit_benchmarks(tiny_mvtec, tmp_path):
                   "--batches", 2, "--normals", normals)
     assert heap["default_samples_per_s"] > 0 and heap["held_samples_per_s"] > 0
     assert heap["default_last_loss"] == heap["held_last_loss"]  # same steps, same numbers
+    heap = _bench("bench_cpu_heap.py", "--stage", "maps", "--size", 32, "--batch-size", 2, "--steps", 1,
+                  "--rounds", 1, "--normals", normals)
+    assert heap["stage"] == "maps" and heap["held_samples_per_s"] > 0
+    assert heap["default_map_sum"] == heap["held_map_sum"] > 0  # same model, same maps
     layout = _bench("bench_layout.py", "--size", 32, "--batch-size", 2, "--steps", 1, "--rounds", 1)
     assert set(layout["train_samples_per_s"]) == {"nchw", "channels_last"} and layout["train_speedup"] > 0
     assert layout["map_max_abs_diff"] < 1e-4  # one model, two layouts: the same maps

@@ -2,7 +2,6 @@ import copy
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -14,6 +13,7 @@ from fractalsynth.generate import generate
 from fractalad import train
 from fractalad.train import FitConfig, Trainer, fit, native_bf16, run_metadata
 from compare import assert_close
+from heap_probe import refault_count
 
 
 @pytest.fixture(scope="module")
@@ -705,24 +705,8 @@ def test_ema_run_saves_the_average_and_resumes_exactly(tiny_shards, tmp_path):
         fit(tiny_shards, straight, _cfg(steps=7, lr=2e-3, ema=0.9), resume=True, progress=False)
 
 
-_HOLD_PROBE = """
-import resource, sys, torch
-from fractalad.train import hold_freed_memory
-if sys.argv[1] == "held":
-    assert hold_freed_memory()
-for _ in range(4):  # 64 MB, above glibc's largest mmap threshold: a step's activation
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    x = torch.ones(16 << 20)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    del x
-print(faults)  # the last round's: by then a held heap has the block to reuse
-"""
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc only")
 def test_hold_freed_memory_reuses_a_freed_block_without_faulting():
-    faults = {mode: int(subprocess.run([sys.executable, "-c", _HOLD_PROBE, mode], check=True,
-                                       capture_output=True, text=True).stdout)
-              for mode in ("default", "held")}
+    faults = {mode: refault_count(mode) for mode in ("default", "held")}
     assert faults["default"] > 10_000  # 16k fresh 4 KB pages: the storm the setting removes
     assert faults["held"] < 1_000
