@@ -18,8 +18,8 @@ import cv2
 import numpy as np
 import torch
 
-from fractalsynth.images import (ImageError, canvas_boxes, list_images, load_image, piece_boxes,
-                                 prepare_normal, resize)
+from fractalsynth.images import (ImageError, canvas_boxes, list_images, load_ground_truth, load_image,
+                                 piece_boxes, prepare_normal, resize)
 
 from .metrics import PixelSplit, detection_metrics, split_pixels
 from .model import FractalAD
@@ -470,14 +470,14 @@ def _ground_truth(mask_path, shape, image_shape=None) -> np.ndarray:
     ``image_shape`` (its image's height and width) a mask of another size is refused."""
     if mask_path is None:
         return np.zeros(shape, np.uint8)
-    m = cv2.imread(mask_path, cv2.IMREAD_GRAYSCALE)
-    if m is None:
-        raise ImageError(f"{mask_path}: unreadable mask; replace it")
+    try:
+        m = load_ground_truth(mask_path)
+    except ImageError as e:
+        raise ImageError(f"{mask_path}: unreadable mask; replace it", mask_path) from e
     if image_shape is not None and m.shape != tuple(image_shape):
         # MVTec's masks are their images' size; another size is most likely another image's mask
         raise ImageError(f"{mask_path}: the mask is {m.shape[0]}x{m.shape[1]} but its image is "
                          f"{image_shape[0]}x{image_shape[1]}; a mask must be the size of its image")
-    m = (m > 127).astype(np.uint8)
     if m.shape != tuple(shape):
         m = cv2.resize(m, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
     return m

@@ -1,4 +1,5 @@
-"""Robust image loading: any common format, greyscale / RGB / RGBA, 8 or 16 bit, any size."""
+"""Robust image loading: any common format, greyscale / RGB / RGBA, 8 or 16 bit, any size, turned
+upright by its EXIF orientation."""
 from __future__ import annotations
 
 import os
@@ -36,21 +37,31 @@ def list_images(folder: str, recursive: bool = True) -> list[str]:
 
 
 def load_image(path: str) -> np.ndarray:
-    """Decode ``path`` to HxW (grey) or HxWx3/4 (RGB/RGBA), uint8 or uint16, in RGB order."""
+    """Decode ``path`` upright to HxW (grey) or HxWx3 (RGB), uint8, uint16 or float32."""
     if not os.path.isfile(path):
         raise ImageError(f"{path}: no such file", path)
     data = np.fromfile(path, dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    # not IMREAD_UNCHANGED: that flag also skips the EXIF orientation, so a camera's portrait
+    # JPEG would load on its side, across its own mask; it would keep an alpha channel, which
+    # nothing here uses
+    img = cv2.imdecode(data, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH) if data.size else None
     if img is None:
         raise ImageError(f"{path}: cannot decode the image (corrupt or unsupported format); "
                          "replace or remove it", path)
     if img.ndim == 3 and img.shape[2] == 3:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    elif img.ndim == 3 and img.shape[2] == 4:
-        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)
     if min(img.shape[:2]) < 1:
         raise ImageError(f"{path}: empty image", path)
     return img
+
+
+def load_ground_truth(path: str) -> np.ndarray:
+    """A ground-truth mask file as HxW uint8 0/1: defect where a pixel is over half the brightest."""
+    m = load_image(path)
+    m = m.max(axis=2) if m.ndim == 3 else m  # a coloured label on black counts in any channel
+    peak = m.max()
+    # relative, not a fixed 127: masks saved as 0/1 labels or in 16 bit are as common as 0/255
+    return (m > peak / 2).astype(np.uint8) if peak > 0 else np.zeros(m.shape, np.uint8)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

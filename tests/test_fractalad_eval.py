@@ -255,6 +255,25 @@ def test_pixel_metrics_at_the_original_resolution(tiny_run, tmp_path):
         test_run(run, data, str(tmp_path / "t"), "cpu", 0, pixel_resolution="native")
 
 
+def test_masks_saved_as_labels_score_as_masks_of_255(tiny_run, tmp_path):
+    from fractalad.evaluate import test_run
+    run, data = str(tiny_run / "run"), tiny_run / "data"
+    want = test_run(run, str(data), str(tmp_path / "t"), "cpu", 0)["metrics"]
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(data, relabelled)
+    gt = relabelled / "ground_truth" / "spot"
+    masks = {name: cv2.imread(str(gt / name), 0) > 0 for name in ("0_mask.png", "1_mask.png", "2_mask.png")}
+    cv2.imwrite(str(gt / "0_mask.png"), masks["0_mask.png"].astype(np.uint8))  # 0/1 labels
+    cv2.imwrite(str(gt / "1_mask.png"), masks["1_mask.png"].astype(np.uint16) * 1000)
+    red = np.zeros((*masks["2_mask.png"].shape, 3), np.uint8)
+    red[masks["2_mask.png"], 2] = 200
+    cv2.imwrite(str(gt / "2_mask.png"), red)
+    got = test_run(run, str(relabelled), str(tmp_path / "t2"), "cpu", 0)["metrics"]
+    for kind in want:
+        for k in ("pixel_AUROC", "pixel_F1Max", "AUPRO"):
+            assert got[kind][k] == pytest.approx(want[kind][k], abs=1e-12), (kind, k)
+
+
 def test_flip_averaged_maps_and_the_thresholds_that_remember_them(tiny_run, tmp_path):
     import shutil
     from fractalad.evaluate import (RunError, anomaly_maps, flip_averaged_map, load_run, predict,
