@@ -18,8 +18,8 @@ import cv2
 import numpy as np
 import torch
 
-from fractalsynth.images import (ImageError, canvas_boxes, list_images, load_ground_truth, load_image,
-                                 piece_boxes, prepare_normal, resize)
+from fractalsynth.images import (ImageError, canvas_boxes, is_image_name, list_images, load_ground_truth,
+                                 load_image, piece_boxes, prepare_normal, resize)
 
 from .metrics import PixelSplit, detection_metrics, split_pixels
 from .model import FractalAD
@@ -91,37 +91,53 @@ def read_test_set(root: str) -> TestSet:
     if not os.path.isdir(test_dir):
         raise ImageError(f"{test_dir}: missing; --data must be an MVTec-layout folder with "
                          "test/<type>/ (and ground_truth/<type>/ for masks)")
-    types = sorted(d for d in os.listdir(test_dir) if os.path.isdir(os.path.join(test_dir, d)))
+    types = sorted(d for d in os.listdir(test_dir)
+                   if not d.startswith(".") and os.path.isdir(os.path.join(test_dir, d)))
     if not types:
         raise ImageError(f"{test_dir}: no defect-type folders inside")
     paths, tlist, labels, masks = [], [], [], []
     for t in types:
         imgs = list_images(os.path.join(test_dir, t), recursive=False)
         tgt = os.path.join(gt_dir, t)
-        have_gt = t != "good" and os.path.isdir(tgt)
-        stems = set()
+        found = _masks_by_stem(tgt, imgs, t) if t != "good" and os.path.isdir(tgt) else None
         for p in imgs:
             stem = os.path.splitext(os.path.basename(p))[0]
-            stems.add(stem)
             mp = None
-            if have_gt:
-                mp = os.path.join(tgt, f"{stem}_mask.png")
-                if not os.path.isfile(mp):
-                    raise ImageError(f"{mp}: missing mask for {p}; add it or remove the image")
+            if found is not None:
+                mp = found.get(stem)
+                if mp is None:
+                    raise ImageError(f"{os.path.join(tgt, stem + '_mask.png')}: missing mask for {p}; "
+                                     "add it or remove the image")
             paths.append(p)
             tlist.append(t)
             labels.append(0 if t == "good" else 1)
             masks.append(mp)
-        if have_gt:
-            for m in sorted(os.listdir(tgt)):
-                stem = m[:-len("_mask.png")] if m.endswith("_mask.png") else None
-                if stem is None or stem not in stems:
-                    raise ImageError(f"{os.path.join(tgt, m)}: mask without a test image "
-                                     f"(expected test/{t}/{stem or m}.*); remove it")
     labels = np.array(labels)
     if labels.min() == labels.max():
         raise ImageError(f"{test_dir}: needs both 'good' and defect images to score detection")
     return TestSet(paths, tlist, labels, masks)
+
+
+def _masks_by_stem(folder: str, images: list, kind: str) -> dict:
+    """Each test image's mask in ``folder``, by the image's stem: ``<stem>_mask.<ext>`` (MVTec) or
+    ``<stem>.<ext>`` (BTAD, VisA), any image format; orphans and doubles are errors."""
+    stems = {os.path.splitext(os.path.basename(p))[0] for p in images}
+    found = {}
+    for name in sorted(os.listdir(folder)):
+        if not is_image_name(name):
+            continue  # .DS_Store, Thumbs.db, notes: not masks
+        base = os.path.splitext(name)[0]
+        mvtec = base[:-len("_mask")] if base.endswith("_mask") else None
+        stem = mvtec if mvtec in stems else base
+        path = os.path.join(folder, name)
+        if stem not in stems:
+            raise ImageError(f"{path}: mask without a test image (expected test/{kind}/"
+                             f"{mvtec or base}.*); remove it")
+        if stem in found:
+            raise ImageError(f"{path}: a second mask for test/{kind}/{stem}.* beside {found[stem]}; "
+                             "keep one")
+        found[stem] = path
+    return found
 
 
 def preprocess(paths, size: int, channels: int, sizes: list | None = None,

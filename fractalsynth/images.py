@@ -19,18 +19,23 @@ class ImageError(ValueError):
         self.path = path  # the unusable file, where the error is about one
 
 
+def is_image_name(name: str) -> bool:
+    """True for a visible file name with an image extension (not ``._x.png``, ``.DS_Store``)."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
 def list_images(folder: str, recursive: bool = True) -> list[str]:
-    """Image files under ``folder`` (sorted, recursive); an error if there are none."""
+    """Image files under ``folder`` (sorted, recursive, hidden ones skipped); an error if none."""
     if not os.path.isdir(folder):
         raise ImageError(f"{folder}: no such folder; pass a folder of normal images")
     found = []
     if recursive:
         for root, dirs, files in os.walk(folder):
-            dirs.sort()
-            found += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+            # hidden folders hold copies (.ipynb_checkpoints) or metadata, never more parts
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found += [os.path.join(root, f) for f in files if is_image_name(f)]
     else:
-        found = [os.path.join(folder, f) for f in os.listdir(folder)
-                 if f.lower().endswith(IMAGE_EXTENSIONS)]
+        found = [os.path.join(folder, f) for f in os.listdir(folder) if is_image_name(f)]
     if not found:
         raise ImageError(f"{folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return sorted(found)

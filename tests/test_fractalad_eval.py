@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from skimage.measure import label
 
 from fractalad.cli import main
-from fractalsynth.images import list_images
+from fractalsynth.images import ImageError, list_images
 from fractalad.metrics import (aupro, auroc, detection_metrics, f1_max, merge_splits, pixel_metrics,
                                pixel_scores, split_metrics, split_pixels)
 from compare import assert_apart, assert_close
@@ -272,6 +272,39 @@ def test_masks_saved_as_labels_score_as_masks_of_255(tiny_run, tmp_path):
     for kind in want:
         for k in ("pixel_AUROC", "pixel_F1Max", "AUPRO"):
             assert got[kind][k] == pytest.approx(want[kind][k], abs=1e-12), (kind, k)
+
+
+def test_test_sets_with_btad_mask_names_and_hidden_files_read_alike(tmp_path):
+    from fractalad.evaluate import read_test_set
+    make_mvtec(tmp_path / "mvtec")
+    want = read_test_set(str(tmp_path / "mvtec"))
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "mvtec", other)
+    gt = other / "ground_truth" / "spot"
+    for i in range(3):  # BTAD and VisA name a mask as its image, in any format
+        cv2.imwrite(str(gt / f"{i}.bmp"), cv2.imread(str(gt / f"{i}_mask.png"), 0))
+        os.remove(gt / f"{i}_mask.png")
+    # what a Mac, Windows or Jupyter leave behind: never images, masks or defect types
+    for junk in (gt / ".DS_Store", gt / "Thumbs.db", other / "test" / "spot" / "._0.png"):
+        junk.write_bytes(b"\0\1")
+    for folder in (other / "test" / ".ipynb_checkpoints", other / "test" / "spot" / ".ipynb_checkpoints"):
+        folder.mkdir()
+        cv2.imwrite(str(folder / "0-checkpoint.png"), np.zeros((8, 8), np.uint8))
+    got = read_test_set(str(other))
+    assert [os.path.relpath(p, other) for p in got.paths] == [os.path.relpath(p, tmp_path / "mvtec")
+                                                            for p in want.paths]
+    assert got.types == want.types and np.array_equal(got.labels, want.labels)
+    for g, w in zip(got.mask_paths, want.mask_paths):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert np.array_equal(cv2.imread(g, 0), cv2.imread(w, 0))
+    cv2.imwrite(str(gt / "0_mask.png"), np.zeros((48, 48), np.uint8))
+    with pytest.raises(ImageError, match=r"0_mask.png: a second mask for test/spot/0\.\* beside .*0.bmp; keep one"):
+        read_test_set(str(other))
+    os.remove(gt / "0_mask.png")
+    cv2.imwrite(str(gt / "7_mask.png"), np.zeros((48, 48), np.uint8))
+    with pytest.raises(ImageError, match=r"7_mask.png: mask without a test image \(expected test/spot/7\.\*\)"):
+        read_test_set(str(other))
 
 
 def test_flip_averaged_maps_and_the_thresholds_that_remember_them(tiny_run, tmp_path):

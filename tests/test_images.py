@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from fractalsynth.images import ImageError, load_ground_truth, load_image
+from fractalsynth.images import ImageError, list_images, load_ground_truth, load_image
 
 
 def _with_orientation(path, rgb, orientation):
@@ -50,3 +50,19 @@ def test_masks_of_every_encoding_mean_the_same(tmp_path):
     (tmp_path / "junk.png").write_bytes(b"nope")
     with pytest.raises(ImageError, match="junk.png"):
         load_ground_truth(str(tmp_path / "junk.png"))
+
+
+def test_hidden_files_and_folders_are_not_images(tmp_path):
+    for rel in ("a.png", "sub/b.jpg", ".ipynb_checkpoints/a-checkpoint.png", "._a.png",
+                "sub/.hidden/c.png", "notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith(".txt"):
+            (tmp_path / rel).write_text("x")
+        else:
+            cv2.imwrite(str(tmp_path / rel), np.zeros((4, 4), np.uint8))
+    assert list_images(str(tmp_path)) == [str(tmp_path / "a.png"), str(tmp_path / "sub" / "b.jpg")]
+    assert list_images(str(tmp_path), recursive=False) == [str(tmp_path / "a.png")]
+    (tmp_path / "a.png").unlink()
+    (tmp_path / "sub" / "b.jpg").unlink()
+    with pytest.raises(ImageError, match="no images found"):
+        list_images(str(tmp_path))
