@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 
 import click
 
@@ -92,7 +93,9 @@ def main():
               help="auto: bf16 autocast on CUDA, float32 on the CPU; bf16: also on CPUs with "
                    "AVX512-BF16 or AMX (1.5-2.1x faster there, scored a little lower); fp32: "
                    "float32 everywhere.")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Save checkpoint.pt every N steps (and, on one process, when Ctrl-C or "
+                   "SIGTERM stops the run).")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its checkpoint, with its settings; a longer "
                    "--steps / --epochs (and --decay-steps) extends a finished run.")
@@ -101,7 +104,7 @@ def fit(shards, out, backbone, weights, epochs, steps, batch_size, lr, weight_de
         workers, kd, head_width, clean_share, flips, zoom, input_blur, decay_steps, ema, preset,
         compile, compile_mode, cuda_graph, precision, checkpoint_every, resume):
     """Train FractalAD from a shard dataset into a run folder."""
-    from .train import FitConfig, fit as run
+    from .train import FitConfig, TrainingInterrupted, fit as run
     if kd is None and preset:
         kd = PRESETS[preset]["kd"]
     given = dict(backbone=backbone, weights=weights, kd=kd, head_width=head_width,
@@ -113,7 +116,11 @@ def fit(shards, out, backbone, weights, epochs, steps, batch_size, lr, weight_de
     settings = _resumed_settings(out, given) if resume else given
     if settings["kd"] is None:
         settings["kd"] = True
-    summary = run(shards, out, FitConfig(**settings), resume=resume)
+    try:
+        summary = run(shards, out, FitConfig(**settings), resume=resume)
+    except TrainingInterrupted as e:
+        click.echo(str(e), err=True)
+        sys.exit(128 + e.signum)  # the shell's convention for a process stopped by a signal
     if "loss" not in summary:  # a resume of a finished run with the same schedule
         click.echo(f"{out}: already at step {summary['steps']}; nothing trained (a longer --steps "
                    "or --epochs extends it)")

@@ -9,11 +9,14 @@ included, for test / predict / export).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import ctypes
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -37,6 +40,36 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN or infinite; the last checkpoint is left as it was."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C or SIGTERM stopped ``fit`` after a whole step, which ``checkpoint.pt`` now holds."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_requests(enabled: bool = True):
+    """Within: SIGINT and SIGTERM set ``flag["signum"]`` for the loop to read after each step;
+    a second Ctrl-C stops at once. Off the main thread, or not ``enabled``, nothing changes."""
+    flag = {"signum": None}
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def ask(signum, frame):
+        if flag["signum"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["signum"] = signum
+
+    before = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -544,46 +577,58 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
     t_log = t0
     saved_step = start if resume else None  # the step checkpoint.pt holds
     last = {}
-    for batch in trainer.batches_from(start, total, cfg.workers):
-        total_l, kd, seg = trainer.step(batch)
-        sums += torch.stack([total_l.float(), kd.float(), seg.float()])
-        count += 1
-        s = trainer.step_count
-        if s % cfg.log_every == 0 or s == total:
-            if trainer.world > 1:  # every rank logs, and checks, the mean over all ranks
-                dist.all_reduce(sums)
-                sums /= trainer.world
-            vals = (sums / count).tolist()  # the only host sync, every log_every steps
-            if not all(math.isfinite(v) for v in vals):
-                _diverged(out_dir, ckpt, saved_step, f"the mean loss of steps {s - count + 1}-{s} is {vals[0]}")
-            now = time.perf_counter()
-            rate = count * cfg.batch_size * trainer.world / max(now - t_log, 1e-9)
-            last = {"step": s, "loss": vals[0], "kd": vals[1], "seg": vals[2], "samples_per_s": rate}
-            if writer:
-                writer.writerow([s, round(s * cfg.batch_size / PAPER_EPOCH_SAMPLES, 3),
-                                 *(round(v, 6) for v in vals), round(rate, 1), round(now - t0, 2)])
-                csv_fh.flush()
+    # a stop mid-step (mid optimizer update) would leave no sound state to save, so a signal is
+    # only noted and the loop stops after the step. Under DDP ranks could stop a step apart and
+    # hang, so they keep the default: the last periodic checkpoint
+    with stop_requests(trainer.world == 1) as stop:
+        for batch in trainer.batches_from(start, total, cfg.workers):
+            total_l, kd, seg = trainer.step(batch)
+            sums += torch.stack([total_l.float(), kd.float(), seg.float()])
+            count += 1
+            s = trainer.step_count
+            if s % cfg.log_every == 0 or s == total:
+                if trainer.world > 1:  # every rank logs, and checks, the mean over all ranks
+                    dist.all_reduce(sums)
+                    sums /= trainer.world
+                vals = (sums / count).tolist()  # the only host sync, every log_every steps
+                if not all(math.isfinite(v) for v in vals):
+                    _diverged(out_dir, ckpt, saved_step, f"the mean loss of steps {s - count + 1}-{s} is {vals[0]}")
+                now = time.perf_counter()
+                rate = count * cfg.batch_size * trainer.world / max(now - t_log, 1e-9)
+                last = {"step": s, "loss": vals[0], "kd": vals[1], "seg": vals[2], "samples_per_s": rate}
+                if writer:
+                    writer.writerow([s, round(s * cfg.batch_size / PAPER_EPOCH_SAMPLES, 3),
+                                     *(round(v, 6) for v in vals), round(rate, 1), round(now - t0, 2)])
+                    csv_fh.flush()
+                if bar:
+                    bar.set_postfix(loss=f"{vals[0]:.4f}", kd=f"{vals[1]:.3f}", seg=f"{vals[2]:.3f}",
+                                    sps=f"{rate:.0f}")
+                sums.zero_()
+                count = 0
+                t_log = now
             if bar:
-                bar.set_postfix(loss=f"{vals[0]:.4f}", kd=f"{vals[1]:.3f}", seg=f"{vals[2]:.3f}",
-                                sps=f"{rate:.0f}")
-            sums.zero_()
-            count = 0
-            t_log = now
-        if bar:
-            bar.update(1)
-        if s % cfg.checkpoint_every == 0 or s == total:
-            # a checkpoint is only ever replaced by a sound one (an update can overflow the
-            # weights while its own loss is still finite); every rank checks, so all stop together
-            if not weights_finite(trainer.model):
-                _diverged(out_dir, ckpt, saved_step, f"the weights after step {s} are not finite")
-            if rank == 0:
-                _atomic_save(trainer.state(), ckpt)
-            saved_step = s
+                bar.update(1)
+            stopping = stop["signum"] is not None and s < total
+            if s % cfg.checkpoint_every == 0 or s == total or stopping:
+                # a checkpoint is only ever replaced by a sound one (an update can overflow the
+                # weights while its own loss is still finite); every rank checks, so all stop together
+                if not weights_finite(trainer.model):
+                    _diverged(out_dir, ckpt, saved_step, f"the weights after step {s} are not finite")
+                if rank == 0:
+                    _atomic_save(trainer.state(), ckpt)
+                saved_step = s
+            if stopping:
+                break
     seconds = time.perf_counter() - t0
     if bar:
         bar.close()
     if csv_fh:
         csv_fh.close()
+    if stop["signum"] is not None and trainer.step_count < total:
+        name = signal.Signals(stop["signum"]).name
+        raise TrainingInterrupted(f"{out_dir}: stopped by {name} after step {trainer.step_count} of "
+                                  f"{total}; {ckpt} holds it: run the same command with --resume "
+                                  "to continue", stop["signum"])
     if rank == 0:
         # the full state, teacher included: test / predict need neither --weights nor a network;
         # under --ema the averaged weights, with the trained ones beside them (load_run(trained=True))

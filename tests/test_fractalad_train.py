@@ -338,6 +338,67 @@ def test_a_diverging_run_stops_and_keeps_its_last_sound_checkpoint(tiny_shards, 
                    resume=True, progress=False)["steps"] == 6  # the sound checkpoint goes on
 
 
+def test_ctrl_c_stops_after_a_whole_step_and_resumes_exactly(tiny_shards, tmp_path, monkeypatch):
+    import signal
+    from fractalad.train import TrainingInterrupted
+    straight = str(tmp_path / "straight")
+    fit(tiny_shards, straight, _cfg(steps=6, lr=2e-3), progress=False)
+    step = Trainer.step
+
+    def ctrl_c_during(at, times):
+        def wrapped(self, batch):
+            if self.step_count == at - 1:  # the key pressed while step `at` computes
+                for _ in range(times):
+                    os.kill(os.getpid(), signal.SIGINT)
+            return step(self, batch)
+        return wrapped
+
+    run = str(tmp_path / "run")
+    monkeypatch.setattr(Trainer, "step", ctrl_c_during(3, 1))
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGINT after step 3 of 6; .*checkpoint.pt "
+                                                  "holds it: run the same command with --resume"):
+        fit(tiny_shards, run, _cfg(steps=6, lr=2e-3), progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back
+    assert not os.path.exists(os.path.join(run, "model.pt"))
+    assert torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)["step"] == 3
+    monkeypatch.setattr(Trainer, "step", step)
+    fit(tiny_shards, run, _cfg(steps=6, lr=2e-3), resume=True, progress=False)
+    a, b = (torch.load(os.path.join(r, "model.pt"), weights_only=False)["model"] for r in (straight, run))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a second Ctrl-C does not wait for the step
+    monkeypatch.setattr(Trainer, "step", ctrl_c_during(2, 2))
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_shards, str(tmp_path / "impatient"), _cfg(steps=6), progress=False)
+    assert not os.path.exists(os.path.join(tmp_path, "impatient", "checkpoint.pt"))
+
+
+def test_fit_stopped_by_a_signal_exits_with_its_status(tiny_shards, tmp_path):
+    import signal
+    import subprocess
+    import time
+    run = tmp_path / "run"
+    # a whole process group, as a terminal's Ctrl-C reaches the loader's worker too
+    proc = subprocess.Popen([sys.executable, "-m", "fractalad", "fit", tiny_shards, "--out", str(run),
+                             "--steps", "100000", "--batch-size", "2", "--workers", "1",
+                             "--device", "cpu", "--checkpoint-every", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (run / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    last = err.strip().splitlines()[-1]
+    assert "stopped by SIGINT after step" in last and "--resume" in last and "Traceback" not in err
+    stopped_at = int(last.split("after step ")[1].split(" ")[0])
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == stopped_at
+
+
 def test_resume_extends_a_finished_run_like_a_longer_one(tiny_shards, tmp_path):
     from click.testing import CliRunner
     from fractalad.cli import main
