@@ -36,12 +36,15 @@ def averaged(meta: dict) -> bool:
     return meta["fit"].get("ema", 0.0) > 0
 
 
-def load_run(run_dir: str, device: str | torch.device = "auto", trained: bool = False):
+def load_run(run_dir: str, device: str | torch.device = "auto", trained: bool = False,
+             hold_memory: bool = True):
     """(model in eval mode on ``device``, run metadata) from a ``fractalad fit`` folder.
 
     An ``--ema`` run's model is the moving average of its weights; ``trained`` loads the
     weights training reached instead (for any other run both are the same). On the CPU the
-    process keeps freed memory for reuse (``hold_freed_memory``), as ``fit`` does.
+    process keeps freed memory for reuse (``hold_freed_memory``), as ``fit`` does: a setting
+    for the whole process, which ``hold_memory=False`` leaves alone (a service that also
+    does other work, say; 256 px maps then run about a third as fast).
     """
     path = os.path.join(run_dir, "model.pt")
     if not os.path.isfile(path):
@@ -70,7 +73,8 @@ def load_run(run_dir: str, device: str | torch.device = "auto", trained: bool = 
     # not measured for GPU inference, which keeps the default layout
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
-        hold_freed_memory()  # a 256 px batch of maps: 2.9x the images/s (bench_cpu_heap --stage maps)
+        if hold_memory:  # a 256 px batch of maps: 2.9x the images/s (bench_cpu_heap --stage maps)
+            hold_freed_memory()
     return model, meta
 
 

@@ -162,6 +162,7 @@ def test_loading_a_run_on_the_cpu_holds_freed_memory(tiny_run):
     # a 256 px batch of maps frees and reallocates blocks over 32 MB: held, 2.9x the images/s
     assert refault_count("default") > 10_000
     assert refault_count("load_run", str(tiny_run / "run")) < 1_000
+    assert refault_count("load_run_unheld", str(tiny_run / "run")) > 10_000  # the opt-out
 
 
 def test_test_predict_export_end_to_end(tiny_run, tmp_path):
