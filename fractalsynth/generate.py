@@ -270,7 +270,8 @@ def generate(normals_dir: str, out_dir: str, n: int, cfg: AnomalyConfig | None =
                          f"({n} samples in shards of {shard_size})")
     if "texture" in [c for c, w in cfg.content if w > 0] and not textures:
         raise ValueError("content 'texture' needs --textures DIR")
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir}: a file, not a folder; --out takes a folder for the shards")
     normals = read_normals(normals_dir, cfg, skip_bad, pieces=pieces)
     for s in normals.skipped:
         log(f"skipped: {s}")
@@ -282,6 +283,7 @@ def generate(normals_dir: str, out_dir: str, n: int, cfg: AnomalyConfig | None =
         normals = normals.subset(np.flatnonzero(~out))
     params = dataset_params(cfg, seed, n, shard_size, normals, textures_digest, holdout)
     _check_existing(out_dir, params)
+    os.makedirs(out_dir, exist_ok=True)  # only now: bad normals leave no empty folder behind
     channels = int(normals.images.shape[3])
     phash = _params_hash(params)
     normals_path = os.path.join(out_dir, NORMALS_FILE)

@@ -26,6 +26,8 @@ def is_image_name(name: str) -> bool:
 
 def list_images(folder: str, recursive: bool = True) -> list[str]:
     """Image files under ``folder`` (sorted, recursive, hidden ones skipped); an error if none."""
+    if os.path.isfile(folder):
+        raise ImageError(f"{folder}: a file, not a folder; pass the folder of images it is in")
     if not os.path.isdir(folder):
         raise ImageError(f"{folder}: no such folder; pass a folder of normal images")
     found = []

@@ -143,6 +143,14 @@ def test_bad_inputs(tmp_path, normals_dir):
     assert res.exit_code == 2 and "shard-range" in res.output
     res = r.invoke(main, ["info", str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "no such dataset" in res.output
+    assert not os.path.exists(tmp_path / "o")  # the refused runs above left no empty folder
+    one = os.path.join(normals_dir, "n0.png")
+    res = r.invoke(main, ["generate", "--normals", one, "--n", "10", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and f"{one}: a file, not a folder; pass the folder" in res.output
+    res = r.invoke(main, ["generate", "--normals", normals_dir, "--n", "10", "--out", one])
+    assert res.exit_code == 2 and "'--out'" in res.output and "is a file" in res.output
+    with pytest.raises(ValueError, match=f"{one}: a file, not a folder; --out takes a folder"):
+        generate(normals_dir, one, 10)
 
 
 def test_normals_that_would_not_fit_in_memory_are_refused(normals_dir, tmp_path, monkeypatch):
