@@ -637,5 +637,6 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
             final["trained"] = trainer.model.trainable_state()
         _atomic_save(final, os.path.join(out_dir, "model.pt"))
     done = trainer.step_count - start
-    return {"steps": trainer.step_count, "seconds": seconds, "autocast": meta["autocast"],
-            "samples_per_s": done * cfg.batch_size * trainer.world / max(seconds, 1e-9), **last}
+    # the whole run's rate, not the last log window's (which ``last`` holds)
+    return {"steps": trainer.step_count, "seconds": seconds, "autocast": meta["autocast"], **last,
+            "samples_per_s": done * cfg.batch_size * trainer.world / max(seconds, 1e-9)}

@@ -279,6 +279,8 @@ def test_fit_writes_a_run_and_refuses_to_clobber(tiny_shards, tmp_path):
     run = str(tmp_path / "run")
     summary = fit(tiny_shards, run, _cfg(steps=3, checkpoint_every=2), progress=False)
     assert summary["steps"] == 3
+    # the whole run's rate (3 steps of 4), not the last log window's (log_every 1: one step)
+    assert summary["samples_per_s"] == pytest.approx(3 * 4 / summary["seconds"])
     for f in ("config.json", "metrics.csv", "checkpoint.pt", "model.pt"):
         assert os.path.isfile(os.path.join(run, f))
     meta = json.load(open(os.path.join(run, "config.json")))  # what exact repetition needs
