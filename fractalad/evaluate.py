@@ -37,11 +37,13 @@ def averaged(meta: dict) -> bool:
 
 
 def load_run(run_dir: str, device: str | torch.device = "auto", trained: bool = False,
-             hold_memory: bool = True):
+             hold_memory: bool = True, fold: bool = True):
     """(model in eval mode on ``device``, run metadata) from a ``fractalad fit`` folder.
 
     An ``--ema`` run's model is the moving average of its weights; ``trained`` loads the
-    weights training reached instead (for any other run both are the same). On the CPU the
+    weights training reached instead (for any other run both are the same). With ``fold``
+    its batch norms are folded into the convs (``FractalAD.fold_batchnorm``): the same maps,
+    faster, but the model can not train; ``fold=False`` keeps them. On the CPU the
     process keeps freed memory for reuse (``hold_freed_memory``), as ``fit`` does: a setting
     for the whole process, which ``hold_memory=False`` leaves alone (a service that also
     does other work, say; 256 px maps then run about a third as fast).
@@ -68,7 +70,7 @@ def load_run(run_dir: str, device: str | torch.device = "auto", trained: bool = 
                            "drop --trained, or re-run 'fractalad fit'")
         weights = {**weights, **state["trained"]}
     model.load_state_dict(weights)
-    model = model.to(device).eval()
+    model = (model.fold_batchnorm() if fold else model).to(device).eval()
     # oneDNN's channels-last kernels: 1.1-1.5x the maps per second (benchmarks/bench_layout.py);
     # not measured for GPU inference, which keeps the default layout
     if device.type == "cpu":

@@ -74,6 +74,10 @@ def test_loader_and_fit_benchmarks(tiny_mvtec, tmp_path):
     layout = _bench("bench_layout.py", "--size", 32, "--batch-size", 2, "--steps", 1, "--rounds", 1)
     assert set(layout["train_samples_per_s"]) == {"nchw", "channels_last"} and layout["train_speedup"] > 0
     assert layout["map_max_abs_diff"] < 1e-4  # one model, two layouts: the same maps
+    fold = _bench("bench_fold.py", "--size", 32, "--batch-size", 2, "--images", 4, "--rounds", 1,
+                  "--map", "combined", "--normals", normals)
+    assert set(fold["images_per_s"]) == {"batchnorm", "folded"} and fold["speedup"] > 0
+    assert fold["map_max_abs_diff"] < 1e-4  # the same maps, batch norms folded or not
 
 
 def test_metrics_benchmark():

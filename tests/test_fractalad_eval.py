@@ -196,6 +196,10 @@ def test_test_predict_export_end_to_end(tiny_run, tmp_path):
     x = torch.rand(2, meta["channels"], meta["size"], meta["size"])
     with torch.no_grad():
         ref = model.anomaly_map(x).numpy()
+    unfolded, _ = load_run(run, "cpu", fold=False)  # what test and predict used to run
+    assert model.folded and not unfolded.folded
+    with torch.no_grad():
+        assert_close(unfolded.anomaly_map(x).numpy(), ref, atol=1e-6)
     _assert_exports_match(run, x, ref, tmp_path)
 
 
@@ -735,9 +739,10 @@ def test_an_ema_run_tests_predicts_and_exports_either_weights(tiny_run, tmp_path
     state["trained"] = trained
     state["meta"]["fit"]["ema"] = 0.9
     torch.save(state, os.path.join(run, "model.pt"))
-    average, _ = load_run(run, "cpu")
-    plain, meta = load_run(str(tiny_run / "run"), "cpu")
-    model, _ = load_run(run, "cpu", trained=True)
+    # unfolded, to compare state dicts key by key
+    average, _ = load_run(run, "cpu", fold=False)
+    plain, meta = load_run(str(tiny_run / "run"), "cpu", fold=False)
+    model, _ = load_run(run, "cpu", trained=True, fold=False)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in plain.state_dict().items())
     assert all(torch.equal(average.state_dict()[k], v) for k, v in state["model"].items())
     paths = [p for p in read_test_set(data).paths if "spot" in p]

@@ -129,3 +129,28 @@ def test_input_blur_is_part_of_the_model():
                                                          gaussian_blur(x.flip(-1), gaussian_kernel(0.7)),
                                                          mask)[1:]]
     assert a == pytest.approx(b, rel=1e-5)
+
+
+@pytest.mark.parametrize("backbone,kd", [("efficientnet_lite0", True), ("resnet18", True),
+                                         ("efficientnet_lite0", False)])
+def test_folded_batch_norms_give_the_same_maps(backbone, kd):
+    import copy
+    torch.manual_seed(0)
+    model = FractalAD(backbone, kd, pretrained=False, input_blur=0.5 if kd else 0.0)
+    # batch-norm statistics and affine weights far from their initial 0 / 1, so a fold that
+    # missed or misplaced one would show
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            for t in (m.running_mean, m.running_var, m.weight, m.bias):
+                t.data = torch.rand_like(t) + 0.5
+    model.eval()
+    folded = copy.deepcopy(model).fold_batchnorm()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert_close(folded(x), model(x), atol=1e-5, rtol=1e-4)
+        if kd:
+            assert_close(folded.map_pair(x), model.map_pair(x), atol=1e-5, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="folded into its convs, for inference only"):
+        folded.train()
+    folded.eval()  # still fine
