@@ -11,6 +11,8 @@ as one colour matrix per sample. The same code runs on the CPU.
 """
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -223,8 +225,17 @@ def _collate_one(items):
     return items[0]
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A loader worker's start: Ctrl-C and SIGTERM are left to the training process."""
+    # a terminal's Ctrl-C reaches the whole process group: a worker that died of it could
+    # leave fit waiting for a batch that never comes, instead of stopping after its step
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(batches: RecordBatches, order: list, workers: int) -> DataLoader:
     """A loader yielding the batches of ``order``; workers open the shard files lazily."""
     return DataLoader(torch.utils.data.Subset(batches, order), batch_size=1, shuffle=False,
                       num_workers=workers, collate_fn=_collate_one, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False, prefetch_factor=4 if workers else None)
+                      persistent_workers=False, prefetch_factor=4 if workers else None,
+                      worker_init_fn=ignore_stop_signals if workers else None)

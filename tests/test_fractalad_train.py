@@ -401,6 +401,21 @@ def test_fit_stopped_by_a_signal_exits_with_its_status(tiny_shards, tmp_path):
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == stopped_at
 
 
+def test_loader_workers_leave_stop_signals_to_fit(tiny_shards):
+    import signal
+    from fractalad.data import RecordBatches, ignore_stop_signals, make_loader
+    from fractalsynth.shards import ShardDataset
+    batches = RecordBatches(ShardDataset(tiny_shards), 4)
+    assert make_loader(batches, [0, 1], 1).worker_init_fn is ignore_stop_signals
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ignore_stop_signals(0)
+        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in before)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def test_resume_extends_a_finished_run_like_a_longer_one(tiny_shards, tmp_path):
     from click.testing import CliRunner
     from fractalad.cli import main
