@@ -595,7 +595,7 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
                     _diverged(out_dir, ckpt, saved_step, f"the mean loss of steps {s - count + 1}-{s} is {vals[0]}")
                 now = time.perf_counter()
                 rate = count * cfg.batch_size * trainer.world / max(now - t_log, 1e-9)
-                last = {"step": s, "loss": vals[0], "kd": vals[1], "seg": vals[2], "samples_per_s": rate}
+                last = {"step": s, "loss": vals[0], "kd": vals[1], "seg": vals[2]}
                 if writer:
                     writer.writerow([s, round(s * cfg.batch_size / PAPER_EPOCH_SAMPLES, 3),
                                      *(round(v, 6) for v in vals), round(rate, 1), round(now - t0, 2)])
@@ -637,6 +637,5 @@ def fit(shards_dir: str, out_dir: str, cfg: FitConfig, resume: bool = False, pro
             final["trained"] = trainer.model.trainable_state()
         _atomic_save(final, os.path.join(out_dir, "model.pt"))
     done = trainer.step_count - start
-    # the whole run's rate, not the last log window's (which ``last`` holds)
-    return {"steps": trainer.step_count, "seconds": seconds, "autocast": meta["autocast"], **last,
-            "samples_per_s": done * cfg.batch_size * trainer.world / max(seconds, 1e-9)}
+    return {"steps": trainer.step_count, "seconds": seconds, "autocast": meta["autocast"],
+            "samples_per_s": done * cfg.batch_size * trainer.world / max(seconds, 1e-9), **last}
