@@ -84,8 +84,8 @@ class MBConv(nn.Module):
         self.skip = stride == 1 and cin == cout
 
     def forward(self, x):
-        y = F.relu6(self._bn0(self._expand_conv(x))) if self.has_expand else x
-        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = F.relu6(self._bn0(self._expand_conv(x)), inplace=True) if self.has_expand else x
+        y = F.relu6(self._bn1(self._depthwise_conv(y)), inplace=True)
         y = self._bn2(self._project_conv(y))
         return x + y if self.skip else y
 
@@ -118,7 +118,7 @@ class EfficientNetLite0(Backbone):
             self._fc = nn.Linear(1280, 1000)
 
     def forward(self, x):
-        x = F.relu6(self._bn0(self._conv_stem(self.normalize(x))))
+        x = F.relu6(self._bn0(self._conv_stem(self.normalize(x))), inplace=True)
         feats = []
         for i, block in enumerate(self._blocks):
             x = block(x)
@@ -129,7 +129,7 @@ class EfficientNetLite0(Backbone):
     def classify(self, x):
         """ImageNet logits (needs ``with_head=True``)."""
         f = self.forward(x)[-1]
-        f = F.relu6(self._bn1(self._conv_head(f)))
+        f = F.relu6(self._bn1(self._conv_head(f)), inplace=True)
         return self._fc(f.mean(dim=(2, 3)))
 
 
@@ -158,9 +158,9 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn1(self.conv1(x)), inplace=True)
         y = self.bn2(self.conv2(y))
-        return F.relu(y + (self.downsample(x) if self.downsample is not None else x))
+        return F.relu(y + (self.downsample(x) if self.downsample is not None else x), inplace=True)
 
 
 class Bottleneck(nn.Module):
@@ -178,10 +178,10 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = F.relu(self.bn2(self.conv2(y)))
+        y = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        y = F.relu(self.bn2(self.conv2(y)), inplace=True)
         y = self.bn3(self.conv3(y))
-        return F.relu(y + (self.downsample(x) if self.downsample is not None else x))
+        return F.relu(y + (self.downsample(x) if self.downsample is not None else x), inplace=True)
 
 
 class ResNet(Backbone):
@@ -208,7 +208,7 @@ class ResNet(Backbone):
             self.fc = nn.Linear(cin, 1000)
 
     def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(self.normalize(x))))
+        x = F.relu(self.bn1(self.conv1(self.normalize(x))), inplace=True)
         x = F.max_pool2d(x, 3, 2, 1)
         f1 = self.layer1(x)
         f2 = self.layer2(f1)
