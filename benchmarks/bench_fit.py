@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from benchmarks.bench_loader import remove_temporary, sync_device, temporary_shards  # noqa: E402
-from fractalad.train import COMPILE_MODES, FitConfig, Trainer  # noqa: E402
+from fractalad.choices import COMPILE_MODES  # noqa: E402
+from fractalad.train import FitConfig, Trainer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_NORMALS = os.path.join(HERE, "..", "..", "shared", "data", "magnetic_tile", "magnetic_tile",

@@ -149,7 +149,8 @@ def main(argv=None):
 
     from fractalsynth.anomaly import AnomalyConfig, parse_mix
     from fractalsynth.generate import check_pieces, generate
-    from fractalad.train import PRECISIONS, FitConfig, fit
+    from fractalad.choices import PRECISIONS
+    from fractalad.train import FitConfig, fit
 
     try:  # bad synthesis options fail here, before any work, as one line
         synth = AnomalyConfig(size=args.size, mask_source=args.mask_source,

@@ -23,7 +23,8 @@ import torch  # noqa: E402
 
 from benchmarks.bench_fit import DEFAULT_NORMALS  # noqa: E402
 from benchmarks.bench_loader import remove_temporary, sync_device, temporary_shards  # noqa: E402
-from fractalad.train import PRECISIONS, FitConfig, Trainer, native_bf16  # noqa: E402
+from fractalad.choices import PRECISIONS  # noqa: E402
+from fractalad.train import FitConfig, Trainer, native_bf16  # noqa: E402
 
 
 def main(argv=None):

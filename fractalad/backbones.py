@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .choices import BACKBONES
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -24,7 +26,6 @@ RESNET_URLS = {
     "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
     "wide_resnet50_2": "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
 }
-BACKBONES = ("efficientnet_lite0", "resnet18", "resnet34", "resnet50", "wide_resnet50_2")
 
 
 class Backbone(nn.Module):

@@ -11,11 +11,8 @@ import click
 
 from fractalsynth.cli import fail_cleanly
 
-from .backbones import BACKBONES
-from .evaluate import IMAGE_SCORES, MAP_KINDS, NORMALS_QUANTILE
-from .export import FORMATS
-from .model import PRESETS
-from .train import COMPILE_MODES, PRECISIONS
+from .choices import (BACKBONES, COMPILE_MODES, FORMATS, IMAGE_SCORES, MAP_KINDS, NORMALS_QUANTILE,
+                      PRECISIONS, PRESETS)
 
 MAP_CHOICE = click.Choice(MAP_KINDS)
 SCORE_CHOICE = click.Choice(IMAGE_SCORES)

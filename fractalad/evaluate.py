@@ -21,6 +21,7 @@ import torch
 from fractalsynth.images import (ImageError, canvas_boxes, is_image_name, list_images, load_ground_truth,
                                  load_image, piece_boxes, prepare_normal, resize)
 
+from .choices import IMAGE_SCORES, MAP_KINDS, NORMALS_QUANTILE
 from .metrics import PixelSplit, detection_metrics, split_pixels
 from .model import FractalAD
 from .train import (HOLDOUT_FILE, RUN_SCHEMA, RUN_VERSION, hold_freed_memory, pick_device, write_json,
@@ -197,10 +198,7 @@ def stitch(pieces: np.ndarray, boxes: list, size: int) -> np.ndarray:
 
 
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both
-MAP_KINDS = ("head", "combined")
-IMAGE_SCORES = ("max", "mean")
 NORM_QUANTILES = (0.9, 0.995)
-NORMALS_QUANTILE = 0.99  # calibrate's default: 1 % of normals flagged
 CALIBRATION_IMAGES = 200
 THRESHOLDS_FILE = "thresholds.json"
 TEST_SCORES_FILE = "scores.csv"  # test's per-image scores, beside metrics.json

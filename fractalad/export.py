@@ -18,6 +18,7 @@ import warnings
 
 import torch
 
+from .choices import FORMATS
 from .evaluate import MapNorm, load_run, saved_map_norm
 
 
@@ -39,7 +40,6 @@ class AnomalyMapModel(torch.nn.Module):
         return 0.25 * ((self.model.map_pair(images) - self.lo) / self.span).sum(1, keepdim=True)
 
 
-FORMATS = ("onnx", "pt2", "torchscript")
 
 
 class ShapeChecked(torch.nn.Module):

@@ -15,14 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fractalsynth.placement import MVTEC_CATEGORIES, preset_placement
-
 from .backbones import build_backbone, load_pretrained
-
-# Paper settings per MVTec AD category: textures skip distillation; objects on plain
-# backgrounds get foreground placement (used by 'fractalsynth generate --preset').
-TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
-PRESETS = {c: {"kd": c not in TEXTURES, "placement": preset_placement(c)} for c in MVTEC_CATEGORIES}
 
 
 def cosine_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

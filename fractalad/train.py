@@ -29,13 +29,13 @@ from fractalsynth.shards import load_holdout
 from . import __version__
 from .data import (DeviceNormals, RecordBatches, batch_order, make_loader, random_flips,
                    random_zoom, show_clean)
+from .choices import COMPILE_MODES
 from .model import FractalAD
 
 PAPER_EPOCH_SAMPLES = 391
 RUN_SCHEMA = "fractalad.run"
 RUN_VERSION = 1
 HOLDOUT_FILE = "holdout_normals.npz"  # the shard set's held-out normals, for calibration
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class TrainingDiverged(RuntimeError):
@@ -161,11 +161,6 @@ def pick_device(name: str) -> torch.device:
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
     return torch.device(name)
-
-
-# fit --precision: the FitConfig settings of each choice
-PRECISIONS = {"auto": {"bf16": True, "cpu_bf16": False}, "bf16": {"bf16": True, "cpu_bf16": True},
-              "fp32": {"bf16": False, "cpu_bf16": False}}
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field, fields, replace
 import cv2
 import numba
 import numpy as np
-from skimage.morphology import skeletonize
 
 from . import ifs
 from .color import apply_color_transform, jitter_matrix, mean_luma
@@ -232,6 +231,7 @@ def shape_mask(rng, source: str, c: int, ifs_cfg: ifs.IFSConfig) -> np.ndarray:
 
 def skeleton_lines(mask: np.ndarray, width: int) -> np.ndarray:
     """The one-pixel skeleton of a 0/1 mask, thickened to ``width`` px (uint8 0/1)."""
+    from skimage.morphology import skeletonize  # here: it takes half a second to import
     lines = skeletonize(mask > 0).view(np.uint8)
     if width > 1:
         lines = cv2.dilate(lines, np.ones((width, width), np.uint8))

@@ -64,6 +64,21 @@ def test_runs_as_a_module():
     assert "--holdout" in res.stdout
 
 
+def test_command_lines_start_without_torch_or_scikit_image():
+    # fractalsynth never needs torch; neither command line imports it (or scikit-image) until a
+    # command runs, so --help and a mistyped option answer in about a second, not four
+    import subprocess
+    import sys
+    code = ("import sys, fractalsynth, fractalsynth.generate, fractalsynth.cli, fractalad.cli; "
+            "print(sorted(m for m in ('torch', 'skimage') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+    res = subprocess.run([sys.executable, "-m", "fractalad", "fit", "--backbone", "vgg", "x", "--out", "y"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "'vgg' is not one of 'efficientnet_lite0'" in res.stderr
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--mask-source", "fractl"], "'--mask-source': unknown mask source 'fractl'"),
     (["--mask-source", "fractal=nan"], "'--mask-source': mask source proportion of 'fractal'"),

@@ -11,6 +11,7 @@ import torch
 from fractalsynth.anomaly import AnomalyConfig
 from fractalsynth.generate import generate
 from fractalad import train
+from fractalad.choices import PRECISIONS
 from fractalad.train import FitConfig, Trainer, fit, native_bf16, run_metadata
 from compare import assert_close
 from heap_probe import refault_count
@@ -653,7 +654,7 @@ def test_native_bf16_follows_the_cpus_instructions(monkeypatch):
 def test_the_cpu_step_autocasts_to_bf16_only_where_asked_and_native(tiny_shards, monkeypatch,
                                                                      precision, native, runs_in):
     monkeypatch.setattr(train, "native_bf16", lambda device: native)
-    tr = Trainer(tiny_shards, _cfg(steps=1, **train.PRECISIONS[precision]))
+    tr = Trainer(tiny_shards, _cfg(steps=1, **PRECISIONS[precision]))
     conv = next(m for m in tr.model.modules() if isinstance(m, torch.nn.Conv2d))
     seen = []
     conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
@@ -683,7 +684,7 @@ def test_a_resume_keeps_the_runs_precision_or_switches_it(tiny_shards, tmp_path,
     from fractalad.cli import main
     monkeypatch.setattr(train, "native_bf16", lambda device: True)  # any CPU: emulated if need be
     out = str(tmp_path / "run")
-    fit(tiny_shards, out, _cfg(steps=2, **train.PRECISIONS["bf16"]), progress=False)
+    fit(tiny_shards, out, _cfg(steps=2, **PRECISIONS["bf16"]), progress=False)
 
     def resumed(steps, *flags):
         res = CliRunner().invoke(main, ["fit", tiny_shards, "--out", out, "--resume", "--steps", steps, *flags])

@@ -192,7 +192,7 @@ def test_preset_sets_the_method_placement(normals_dir, tmp_path):
     assert res.exit_code == 0, res.output
     params = json.load(open(os.path.join(out, "dataset.json")))["params"]
     assert params["config"]["placement"] == "foreground"
-    from fractalad.model import PRESETS
+    from fractalad.choices import PRESETS
     assert PRESETS["carpet"] == {"kd": False, "placement": "uniform"}
     assert PRESETS["pill"] == {"kd": True, "placement": "foreground"}
 
