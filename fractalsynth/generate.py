@@ -210,7 +210,7 @@ def shard_order(seed: int, shard: int, count: int) -> np.ndarray:
     return np.random.default_rng([seed, shard, 11]).permutation(count)
 
 
-def _check_existing(out_dir: str, params: dict) -> None:
+def _check_existing(out_dir: str, params: dict, normals_dir: str, normals_checksum: str) -> None:
     path = os.path.join(out_dir, PARAMS_FILE)
     if not os.path.exists(path):
         return
@@ -221,6 +221,13 @@ def _check_existing(out_dir: str, params: dict) -> None:
         diffs = [k for k in params if old.get("params", {}).get(k) != params[k]]
         raise ShardError(f"{out_dir} holds a dataset made with other settings ({', '.join(diffs)} "
                          "differ); use another --out, or delete the folder to start over")
+    # the params name the normals only; their pixels can change under the same names (an
+    # edited file, another OpenCV's decoder), and new shards would then not match normals.h5
+    if old.get("normals_checksum", normals_checksum) != normals_checksum:
+        raise ShardError(f"{out_dir} was begun from other pixels than the images under "
+                         f"{normals_dir} decode to now (same names; edited files, or another "
+                         "machine's image decoder); finish it where it was begun, use another "
+                         "--out, or delete the folder to start over")
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -230,14 +237,15 @@ def _write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def shard_complete(path: str, params_hash: str, count: int) -> bool:
-    """True if ``path`` is a finished shard of this dataset with ``count`` samples."""
+def shard_complete(path: str, params_hash: str, count: int, normals_checksum: str) -> bool:
+    """True if ``path`` is a finished shard of this dataset with ``count`` samples, made from
+    the normals of checksum ``normals_checksum``."""
     if not os.path.exists(path):
         return False
     try:
         with open_shard(path) as f:
             return (f.attrs.get("params_hash") == params_hash and int(f.attrs["count"]) == count
-                    and "checksum" in f.attrs)
+                    and f.attrs.get("normals_checksum") == normals_checksum and "checksum" in f.attrs)
     except ShardError:
         return False
 
@@ -282,12 +290,12 @@ def generate(normals_dir: str, out_dir: str, n: int, cfg: AnomalyConfig | None =
         held = normals.subset(np.flatnonzero(out))
         normals = normals.subset(np.flatnonzero(~out))
     params = dataset_params(cfg, seed, n, shard_size, normals, textures_digest, holdout)
-    _check_existing(out_dir, params)
+    checksum = _sha256([normals.images, normals.means])
+    _check_existing(out_dir, params, normals_dir, checksum)
     os.makedirs(out_dir, exist_ok=True)  # only now: bad normals leave no empty folder behind
     channels = int(normals.images.shape[3])
     phash = _params_hash(params)
     normals_path = os.path.join(out_dir, NORMALS_FILE)
-    checksum = _sha256([normals.images, normals.means])
     if not os.path.exists(normals_path):
         write_normals(normals_path, normals.images, normals.means, normals.names,
                       held.images if held else None, held.names if held else None,
@@ -305,7 +313,7 @@ def generate(normals_dir: str, out_dir: str, n: int, cfg: AnomalyConfig | None =
         path = os.path.join(out_dir, shard_name(k))
         if os.path.exists(path + ".partial"):
             os.remove(path + ".partial")
-        if shard_complete(path, phash, count):
+        if shard_complete(path, phash, count, checksum):
             if progress:
                 progress(count)
             continue
@@ -358,7 +366,7 @@ def index_dataset(out_dir: str) -> str:
         name = shard_name(k)
         path = os.path.join(out_dir, name)
         count = min(shard_size, n - k * shard_size)
-        if not shard_complete(path, meta["params_hash"], count):
+        if not shard_complete(path, meta["params_hash"], count, meta["normals_checksum"]):
             missing.append(name)
             continue
         with open_shard(path) as f:

@@ -382,6 +382,11 @@ def verify_dataset(out_dir: str) -> list[str]:
                 if f.attrs.get("params_hash") != manifest["params_hash"]:
                     problems.append(f"{path}: belongs to another dataset (parameters differ)")
                     continue
+                if f.attrs.get("normals_checksum") != manifest["normals_checksum"]:
+                    problems.append(f"{path}: made from other normal images than the dataset's "
+                                    f"{NORMALS_FILE}; delete it and re-run the same "
+                                    "'fractalsynth generate' command")
+                    continue
                 got = _sha256(f[k][()] for k in RECORD_FIELDS)
                 if int(f.attrs["count"]) != e["count"] or len(f["sample_index"]) != e["count"]:
                     problems.append(f"{path}: holds {len(f['sample_index'])} samples, "

@@ -91,6 +91,33 @@ def test_mismatched_rerun_refused(normals_dir, tmp_path):
                  shard_size=16)
 
 
+def test_changed_normals_refused_on_resume_and_flagged_by_verify(normals_dir, tmp_path):
+    # same names, other pixels (an edited file, or another machine's image decoder): the
+    # dataset's normals file holds the old pixels, so new shards would paste onto wrong images
+    import shutil
+
+    import cv2
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    generate(normals_dir, full, 60, CFG, seed=0, shard_size=20)
+    generate(normals_dir, part, 60, CFG, seed=0, shard_size=20, shard_range=(0, 1))
+    before = _digest(part)
+    path = os.path.join(normals_dir, "n0.png")
+    cv2.imwrite(path, 255 - cv2.imread(path))
+    with pytest.raises(ShardError, match="other pixels"):
+        generate(normals_dir, part, 60, CFG, seed=0, shard_size=20)
+    assert _digest(part) == before  # nothing written
+    res = CliRunner().invoke(main, ["generate", "--normals", normals_dir, "--out", part, "--n", "60",
+                                    "--size", "48", "--shard-size", "20"])
+    assert res.exit_code == 2 and "other pixels" in res.output and part in res.output
+    # a shard made from the changed normals (say by a job on another machine) dropped in
+    other = str(tmp_path / "other")
+    generate(normals_dir, other, 60, CFG, seed=0, shard_size=20)
+    shutil.copy(os.path.join(other, shard_name(1)), os.path.join(full, shard_name(1)))
+    assert any(shard_name(1) in p and "other normal images" in p for p in verify_dataset(full))
+    with pytest.raises(ShardError, match=shard_name(1)):
+        index_dataset(full)
+
+
 def test_verify_detects_truncated_corrupt_and_foreign(normals_dir, tmp_path):
     out = str(tmp_path / "ds")
     generate(normals_dir, out, 60, CFG, seed=0, shard_size=20)
