@@ -40,8 +40,6 @@ class AnomalyMapModel(torch.nn.Module):
         return 0.25 * ((self.model.map_pair(images) - self.lo) / self.span).sum(1, keepdim=True)
 
 
-
-
 class ShapeChecked(torch.nn.Module):
     """A traced model that refuses any input but [B, channels, size, size] with one clear error."""
 
