@@ -80,6 +80,12 @@ def test_loader_and_fit_benchmarks(tiny_mvtec, tmp_path):
     assert fold["map_max_abs_diff"] < 1e-4  # the same maps, batch norms folded or not
 
 
+def test_startup_benchmark():
+    out = _bench("bench_startup.py", "--rounds", 1)
+    assert set(out["median_seconds"]) == {"fractalad_help", "fractalsynth_help", "baseline_eager_imports"}
+    assert all(v > 0 for v in out["median_seconds"].values()) and out["fractalad_speedup"] > 0
+
+
 def test_metrics_benchmark():
     out = _bench("bench_metrics.py", "--images", 6, "--size", 40, "--repeats", 1)
     # ours and the one-sort baseline agree; the figures are there
