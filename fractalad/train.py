@@ -53,7 +53,8 @@ class TrainingInterrupted(RuntimeError):
 @contextlib.contextmanager
 def stop_requests(enabled: bool = True):
     """Within: SIGINT and SIGTERM set ``flag["signum"]`` for the loop to read after each step;
-    a second Ctrl-C stops at once. Off the main thread, or not ``enabled``, nothing changes."""
+    a second Ctrl-C stops at once. Off the main thread, or not ``enabled``, nothing changes;
+    a signal the process was started to ignore stays ignored."""
     flag = {"signum": None}
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield flag
@@ -64,7 +65,10 @@ def stop_requests(enabled: bool = True):
             raise KeyboardInterrupt
         flag["signum"] = signum
 
-    before = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # a shell starts a script's background jobs with SIGINT ignored, so that the Ctrl-C meant
+    # for the script does not stop them: keep that
+    before = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)
+              if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield flag
     finally:

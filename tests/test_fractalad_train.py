@@ -341,7 +341,17 @@ def test_a_diverging_run_stops_and_keeps_its_last_sound_checkpoint(tiny_shards, 
                    resume=True, progress=False)["steps"] == 6  # the sound checkpoint goes on
 
 
-def test_ctrl_c_stops_after_a_whole_step_and_resumes_exactly(tiny_shards, tmp_path, monkeypatch):
+@pytest.fixture
+def sigint_as_python_sets_it():
+    """SIGINT raising KeyboardInterrupt, as in a terminal (a background job starts it ignored)."""
+    import signal
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_stops_after_a_whole_step_and_resumes_exactly(tiny_shards, tmp_path, monkeypatch,
+                                                             sigint_as_python_sets_it):
     import signal
     from fractalad.train import TrainingInterrupted
     straight = str(tmp_path / "straight")
@@ -373,6 +383,11 @@ def test_ctrl_c_stops_after_a_whole_step_and_resumes_exactly(tiny_shards, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         fit(tiny_shards, str(tmp_path / "impatient"), _cfg(steps=6), progress=False)
     assert not os.path.exists(os.path.join(tmp_path, "impatient", "checkpoint.pt"))
+    # started with SIGINT ignored (a script's background job): the Ctrl-C is not for this run
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    monkeypatch.setattr(Trainer, "step", ctrl_c_during(3, 1))
+    assert fit(tiny_shards, str(tmp_path / "background"), _cfg(steps=6), progress=False)["steps"] == 6
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_fit_stopped_by_a_signal_exits_with_its_status(tiny_shards, tmp_path):
@@ -385,7 +400,8 @@ def test_fit_stopped_by_a_signal_exits_with_its_status(tiny_shards, tmp_path):
                              "--steps", "100000", "--batch-size", "2", "--workers", "1",
                              "--device", "cpu", "--checkpoint-every", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,  # and with SIGINT as a terminal's job has it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not (run / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
