@@ -524,6 +524,65 @@ def default_test_dir(run_dir: str, pixel_resolution: str = "model", tta: bool = 
     return os.path.join(run_dir, "-".join(parts))
 
 
+@dataclass
+class TestMaps:
+    """One run's maps of a test set, before any smoothing or score."""
+
+    maps: np.ndarray  # float32 [N, S, S]; a pieces run's are stitched on the S x S canvas
+    images: np.ndarray  # uint8 [N, C, S, S], laid out as the maps are
+    sizes: list  # each image's own (height, width)
+    images_per_s: float
+    norm: MapNorm | None  # the combined map's scales
+    calibration: str | None  # where those scales came from
+    held_maps: np.ndarray | None  # the held-out normals' maps, when the scales came from them
+
+
+def test_set_maps(model: FractalAD, meta: dict, run_dir: str, data: str, ts: TestSet,
+                  batch_size: int = 32, tta: bool = False, map_kind: str = "head") -> TestMaps:
+    """The maps of every image of ``ts`` (``read_test_set(data)``) by a loaded run; a combined
+    map first takes its scales from the run's held-out normals, else from DATA/train/good."""
+    size, ch, aspect = meta["size"], meta["channels"], meta.get("piece_aspect", 0.0)
+    norm, calibration, held_maps = None, None, None
+    if map_kind == "combined":
+        normal_boxes = []
+        normals, calibration = calibration_normals(run_dir, data, size, ch, aspect, normal_boxes)
+        norm, normal_maps = _normals_maps(model, normals, batch_size, tta, map_kind)
+        if os.path.isfile(os.path.join(run_dir, HOLDOUT_FILE)):  # the held-out normals' maps are made
+            held_maps = stitch(normal_maps, normal_boxes, size) if normal_boxes else normal_maps
+    sizes, boxes = [], []
+    inputs = preprocess(ts.paths, size, ch, sizes, aspect=aspect, boxes=boxes)
+    maps, images, ips = image_maps(model, inputs, boxes, size, batch_size, tta, norm)
+    return TestMaps(maps, images, sizes, ips, norm, calibration, held_maps)
+
+
+def test_set_metrics(maps: np.ndarray, ts: TestSet, sizes: list,
+                     pixel_resolution: str = "model") -> dict:
+    """detection_metrics of a test set's maps [N, S, S]: per defect type (against the good
+    images) and 'all'; pixels at S x S, or at each image's own size (``sizes``) with 'original'."""
+    smax, smean = image_scores(maps, "max"), image_scores(maps, "mean")
+    has_px = np.array([m is not None or lab == 0 for m, lab in zip(ts.mask_paths, ts.labels)])
+    size = maps.shape[-1]
+    # each map is split by its mask as soon as it is made (at the original resolution, upsampled
+    # first): the pixels are held once, as float32, not as maps plus masks
+    splits = [_split_at(maps[i], ts.mask_paths[i], sizes[i], size, pixel_resolution)
+              if has_px[i] else None for i in range(len(maps))]
+    types = np.array(ts.types)
+    results = {}
+    for t in sorted(set(ts.types) - {"good"}) + ["all"]:
+        sel = (types == t) | (types == "good") if t != "all" else np.ones(len(types), bool)
+        px = np.flatnonzero(sel & has_px)
+        pixels = [splits[i] for i in px] if (ts.labels[px] == 1).any() else None
+        if t == "all":
+            splits = None  # the last use: merging frees each image's pixels as it copies them
+        results[t] = detection_metrics(smax[sel], smean[sel], ts.labels[sel], pixels=pixels)
+    return results
+
+
+def _check_pixel_resolution(pixel_resolution: str) -> None:
+    if pixel_resolution not in ("model", "original"):
+        raise ValueError(f"pixel_resolution must be 'model' or 'original', got {pixel_resolution!r}")
+
+
 def test_run(run_dir: str, data: str, out: str | None = None, device: str = "auto",
              n_overlays: int = 8, batch_size: int = 32, pixel_resolution: str = "model",
              tta: bool = False, smooth: float = 0.0, map_kind: str = "head",
@@ -543,46 +602,25 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
     saved thresholds remember all five. ``out`` defaults to ``default_test_dir``, so tests with
     other settings do not overwrite each other's metrics and overlays.
     """
-    if pixel_resolution not in ("model", "original"):
-        raise ValueError(f"pixel_resolution must be 'model' or 'original', got {pixel_resolution!r}")
+    _check_pixel_resolution(pixel_resolution)
     _check_image_score(image_score)
     model, meta = _load_run_for_map(run_dir, device, map_kind, trained)
     trained = trained and averaged(meta)  # only an --ema run has two sets of weights
     ts = read_test_set(data)
     out = out or default_test_dir(run_dir, pixel_resolution, tta, smooth, map_kind, trained)
     os.makedirs(out, exist_ok=True)
-    size, ch, aspect = meta["size"], meta["channels"], meta.get("piece_aspect", 0.0)
+    size = meta["size"]
     t0 = time.perf_counter()
-    norm, calibration, held_maps = None, None, None
-    held = held_out_normals(run_dir)
-    if map_kind == "combined":
-        normal_boxes = []
-        normals, calibration = calibration_normals(run_dir, data, size, ch, aspect, normal_boxes)
-        norm, normal_maps = _normals_maps(model, normals, batch_size, tta, map_kind)
-        if held is not None:  # calibration_normals took the held-out ones: their maps are made
-            held_maps = stitch(normal_maps, normal_boxes, size) if normal_boxes else normal_maps
-    sizes, boxes = [], []
-    inputs = preprocess(ts.paths, size, ch, sizes, aspect=aspect, boxes=boxes)
-    maps, images, ips = image_maps(model, inputs, boxes, size, batch_size, tta, norm)
-    maps = smooth_maps(maps, smooth)
+    tm = test_set_maps(model, meta, run_dir, data, ts, batch_size, tta, map_kind)
+    norm, held_maps, images = tm.norm, tm.held_maps, tm.images
+    maps = smooth_maps(tm.maps, smooth)
     smax, smean = image_scores(maps, "max"), image_scores(maps, "mean")
-    has_px = np.array([m is not None or lab == 0 for m, lab in zip(ts.mask_paths, ts.labels)])
-    # each map is split by its mask as soon as it is made (at the original resolution, upsampled
-    # first): the pixels are held once, as float32, not as maps plus masks
-    splits = [_split_at(maps[i], ts.mask_paths[i], sizes[i], size, pixel_resolution)
-              if has_px[i] else None for i in range(len(maps))]
+    results = test_set_metrics(maps, ts, tm.sizes, pixel_resolution)
     types = np.array(ts.types)
-    results = {}
-    for t in sorted(set(ts.types) - {"good"}) + ["all"]:
-        sel = (types == t) | (types == "good") if t != "all" else np.ones(len(types), bool)
-        px = np.flatnonzero(sel & has_px)
-        pixels = [splits[i] for i in px] if (ts.labels[px] == 1).any() else None
-        if t == "all":
-            splits = None  # the last use: merging frees each image's pixels as it copies them
-        results[t] = detection_metrics(smax[sel], smean[sel], ts.labels[sel], pixels=pixels)
     key = "image_threshold" if image_score == "max" else "image_threshold_mean"
     score = {"max": smax, "mean": smean}[image_score]
     operating_point = None
+    held = held_out_normals(run_dir)
     if held is not None:  # the threshold 'calibrate' would set, without a defect photo
         if held_maps is None:
             held_maps = image_maps(model, held[0], held[1], size, batch_size, tta, norm)[0]
@@ -594,7 +632,7 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
                   "source": f"F1Max on {os.path.abspath(data)}"}
     # without masks the image-level max-of-map threshold is the best guess for the masks too
     thresholds["pixel"] = results["all"].get("pixel_threshold", results["all"]["image_threshold"])
-    report = {"metrics": results, "thresholds": thresholds, "images_per_s": ips,
+    report = {"metrics": results, "thresholds": thresholds, "images_per_s": tm.images_per_s,
               "device": str(next(model.parameters()).device), "n_images": len(ts.paths),
               "seconds": time.perf_counter() - t0, "data": os.path.abspath(data),
               "out": os.path.abspath(out),
@@ -602,7 +640,7 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
                              "the one thresholded)",
               "pixel_resolution": pixel_resolution, "tta": tta, "smooth": smooth,
               "map": map_kind, "trained": thresholds["trained"], "map_norm": thresholds["map_norm"],
-              "calibration": calibration,
+              "calibration": tm.calibration,
               "held_out_operating_point": operating_point}
     write_json(os.path.join(out, "metrics.json"), report)
     rows = [[p, t, int(lab), f"{a:.6f}", f"{b:.6f}"]
@@ -623,6 +661,49 @@ def test_run(run_dir: str, data: str, out: str | None = None, device: str = "aut
             _write_rgb(os.path.join(out, f"{kind}_{rank:02d}.png"),
                        overlay(imgs_hwc[i], maps[i], _ground_truth(ts.mask_paths[i], (size, size))
                                if ts.mask_paths[i] else None, title, scale))
+    return report
+
+
+def resize_maps(maps: np.ndarray, size: int) -> np.ndarray:
+    """Maps [N, H, W] resized to [N, size, size] (area filter when shrinking, else bilinear)."""
+    if maps.shape[1:] == (size, size):
+        return maps
+    return np.stack([resize(m, size, size) for m in maps])
+
+
+def test_map_mean(run_dirs: list, data: str, device: str = "auto", batch_size: int = 32,
+                  map_kind: str = "combined", pixel_resolution: str = "model",
+                  size: int | None = None) -> dict:
+    """Metrics of the mean of several runs' maps of DATA's test set, and of each run's maps alone.
+
+    Every map is first resized to one S x S grid (``size``; default: the largest run's input
+    size), so runs of other sizes or recipes (pieces or not) average pixel by pixel. Combined
+    maps average as they are, each being on its own normals' scale. Writes nothing: a research
+    tool to judge an ensemble before anyone trains one; ``test`` stays the per-run command.
+    """
+    if not run_dirs:
+        raise ValueError("give at least one run folder")
+    _check_pixel_resolution(pixel_resolution)
+    ts = read_test_set(data)
+    members, sizes = [], []
+    for run_dir in run_dirs:
+        model, meta = _load_run_for_map(run_dir, device, map_kind)
+        tm = test_set_maps(model, meta, run_dir, data, ts, batch_size, map_kind=map_kind)
+        members.append((run_dir, meta["size"], tm.maps, tm.images_per_s))
+        sizes = tm.sizes  # each image's own size, the same for every run
+        del model, tm  # one model and one run's images at a time
+    grid = size or max(m[1] for m in members)
+    total = np.zeros((len(ts.paths), grid, grid), np.float64)
+    report = {"map": map_kind, "grid": grid, "pixel_resolution": pixel_resolution,
+              "data": os.path.abspath(data), "members": []}
+    for run_dir, run_size, maps, ips in members:
+        maps = resize_maps(maps, grid)
+        total += maps
+        report["members"].append({"run": os.path.abspath(run_dir), "size": run_size,
+                                  "images_per_s": ips,
+                                  "metrics": test_set_metrics(maps, ts, sizes, pixel_resolution)})
+    report["metrics"] = test_set_metrics((total / len(members)).astype(np.float32), ts, sizes,
+                                         pixel_resolution)
     return report
 
 

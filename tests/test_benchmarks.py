@@ -110,6 +110,26 @@ def test_the_whole_pipeline_benchmark(tiny_mvtec, args):
         assert out["mask_source"] == "rectangle" and out["kd"] is False
 
 
+def test_the_map_mean_benchmark(tiny_mvtec, tmp_path):
+    from fractalsynth.anomaly import AnomalyConfig
+    from fractalsynth.generate import generate
+    from fractalad.train import FitConfig, fit
+    generate(str(tiny_mvtec / "train" / "good"), str(tmp_path / "shards"), 8, AnomalyConfig(size=32),
+             shard_size=8)
+    run = tmp_path / "run"
+    fit(str(tmp_path / "shards"), str(run), FitConfig(steps=2, batch_size=4, workers=0, device="cpu"),
+        progress=False)
+    out = _bench("bench_map_mean.py", run, run, "--data", tiny_mvtec, "--device", "cpu", "--map", "head")
+    assert out["grid"] == 32 and out["map"] == "head" and len(out["members"]) == 2
+    # a run averaged with itself is that run: the same figures, no gain over its best member
+    assert out["metrics"] == out["members"][0]["metrics"] == out["members"][1]["metrics"]
+    assert set(out["mean_minus_best_member"].values()) == {0.0}
+    missing = subprocess.run([sys.executable, os.path.join(BENCH, "bench_map_mean.py"),
+                              str(tmp_path / "nowhere"), "--data", str(tiny_mvtec)],
+                             capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert missing.returncode == 2 and "nowhere" in missing.stderr.strip().splitlines()[-1]
+
+
 def _help_flags(script):
     res = subprocess.run([sys.executable, os.path.join(BENCH, script), "--help"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)

@@ -445,6 +445,58 @@ def test_combined_maps_scale_head_and_student_teacher_maps_on_normals(tiny_run, 
     assert res.exit_code == 2 and "train/good: missing" in res.output.replace(os.sep, "/")
 
 
+def test_the_mean_of_several_runs_maps(tiny_run, tmp_path):
+    """Maps of runs of other sizes averaged on one grid: the metrics of the mean match a brute
+    force, and a run averaged with itself scores as 'test' scores it alone."""
+    from fractalsynth.anomaly import AnomalyConfig
+    from fractalsynth.generate import generate
+    from fractalad.evaluate import (RunError, anomaly_maps, load_run, preprocess, read_test_set,
+                                    test_map_mean, test_run)
+    from fractalad.train import FitConfig, fit
+    run, data = str(tmp_path / "run"), str(tiny_run / "data")
+    shutil.copytree(tiny_run / "run", run)  # test_run writes the run's thresholds
+    for kind in ("head", "combined"):
+        alone = test_run(run, data, str(tmp_path / f"t_{kind}"), "cpu", 0, map_kind=kind)
+        twice = test_map_mean([run, run], data, "cpu", map_kind=kind)
+        assert twice["grid"] == 32 and twice["map"] == kind
+        assert twice["metrics"] == twice["members"][0]["metrics"] == alone["metrics"]
+
+    run40 = str(tmp_path / "run40")
+    generate(os.path.join(data, "train", "good"), str(tmp_path / "s40"), 8, AnomalyConfig(size=40),
+             shard_size=8, seed=1)
+    fit(str(tmp_path / "s40"), run40, FitConfig(steps=3, batch_size=4, workers=0, device="cpu"),
+        progress=False)
+    mixed = test_map_mean([run, run40], data, "cpu", map_kind="head")
+    assert mixed["grid"] == 40 and [m["size"] for m in mixed["members"]] == [32, 40]
+    ts = read_test_set(data)
+    maps = []
+    for r in (run, run40):
+        model, meta = load_run(r, "cpu")
+        m = anomaly_maps(model, preprocess(ts.paths, meta["size"], meta["channels"]))[0]
+        maps.append(np.stack([cv2.resize(x, (40, 40), interpolation=cv2.INTER_LINEAR) for x in m]))
+    mean = (maps[0] + maps[1]) / 2
+    masks = np.stack([cv2.resize(cv2.imread(p, 0), (40, 40), interpolation=cv2.INTER_NEAREST) > 0
+                      if p else np.zeros((40, 40), bool) for p in ts.mask_paths])
+    got = mixed["metrics"]["all"]
+    assert got["image_AUROC"] == pytest.approx(_brute_auroc(mean.reshape(len(mean), -1).max(1),
+                                                            ts.labels), abs=1e-9)
+    want = pixel_metrics(mean.astype(np.float32), masks)  # itself checked against brute force above
+    assert got["pixel_AUROC"] == pytest.approx(want["pixel_AUROC"], abs=1e-9)
+    assert got["AUPRO"] == pytest.approx(want["AUPRO"], abs=1e-9)
+    for i, r in enumerate((run, run40)):  # each member is scored on the grid too
+        alone = mixed["members"][i]["metrics"]["all"]
+        assert alone["image_AUROC"] == pytest.approx(
+            _brute_auroc(maps[i].reshape(len(mean), -1).max(1), ts.labels), abs=1e-9)
+    assert test_map_mean([run, run40], data, "cpu", map_kind="head", size=32)["grid"] == 32
+    with pytest.raises(ValueError, match="at least one run"):
+        test_map_mean([], data, "cpu")
+    no_kd = str(tmp_path / "no_kd")
+    fit(str(tmp_path / "s40"), no_kd, FitConfig(kd=False, steps=1, batch_size=4, workers=0,
+                                                device="cpu"), progress=False)
+    with pytest.raises(RunError, match="no student-teacher map"):
+        test_map_mean([run, no_kd], data, "cpu", map_kind="combined")
+
+
 def test_bad_inputs_to_test_and_predict(tiny_run, tmp_path, monkeypatch):
     r = CliRunner()
     run, data = str(tiny_run / "run"), tiny_run / "data"
