@@ -1,23 +1,22 @@
 #!/usr/bin/env bash
-# Every GPU check in one run (device tool), most important first. First what the one open issue
-# (the Magnetic Tile targets at 256 px) needs: the pipeline on tiles cut into pieces (generate
-# --pieces auto; ~4 min each), fractal then area-matched rectangle masks (the mask ablation),
-# then the fractal run in float32; the small-defects options on twice the paper schedule plus a
-# cool-down on a second seed, both mask sources (~5 min each); the CPU's 128 px batch-32 recipe,
-# both mask sources, two seeds; the weights' moving average (--ema). Then the training step's
-# speed (measured on an H100 in sessions 5 and 9; another GPU moves it): Lite0 and ResNet-18
-# captured, torch.compile, fp32, a kernel profile, the inference layout; then the CUDA-graph
-# tests. One call of BUDGET=580 reaches about two Magnetic Tile runs; the rest fits a second call
-# on the still-warm machine (skip the done checks with SKIP="name ..."; earlier results:
-# docs/results/h100_*.json).
+# Every GPU check in one run (device tool), most important first (the pieces recipe at 256 px,
+# several runs at once, is benchmarks/gpu_mtd_256.sh). First the small-defects options on twice
+# the paper schedule plus a cool-down on a second seed, both mask sources (~5 min each); the
+# CPU's 128 px batch-32 recipe, both mask sources, two seeds; the weights' moving average
+# (--ema). Then the training step's speed (measured on an H100 in sessions 5 and 9; another GPU
+# moves it): Lite0 and ResNet-18 captured, torch.compile, fp32, a kernel profile, the inference
+# layout; then the CUDA-graph tests. One call of BUDGET=580 reaches about two Magnetic Tile
+# runs; the rest fits a second call on the still-warm machine (skip the done checks with
+# SKIP="name ..."; earlier results: docs/results/h100_*.json).
 # Needs .gpu/lite0.pth and .gpu/magnetic_tile (carried, git-ignored; benchmarks/prepare_gpu.sh
 # builds both).
-# Results: one JSON line per check on stdout and in $OUT/*.json. BUDGET (s, default 580) caps
-# the whole script: a check starts only with >= 60 s left and gets at most LIMIT (s) or what
-# is left. A Lite0 distillation run on the paper schedule takes ~110 s on an H100 eager
-# (fit 83 s, test 19 s); with --cuda-graph (~1,200 samples/s) twice the schedule plus a
-# cool-down of a quarter took 3.5 min in session 9 (startup and Numba compilation included);
-# --combined adds a calibrated test after each fit (~30 s each at 256 px).
+# Results: one JSON line per check on stdout and in $OUT/results.jsonl (the device tool brings
+# back 8 files at most). BUDGET (s, default 580) caps the whole script: a check starts only
+# with >= 60 s left and gets at most LIMIT (s) or what is left. A Lite0 distillation run on the
+# paper schedule takes ~110 s on an H100 eager (fit 83 s, test 19 s); with --cuda-graph (~1,200
+# samples/s) twice the schedule plus a cool-down of a quarter took 3.5 min in session 9
+# (startup and Numba compilation included); --combined adds a calibrated test after each fit
+# (~30 s each at 256 px).
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NUMBA_CACHE_DIR=/tmp/numba
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -32,8 +31,8 @@ run() {
   case " $SKIP " in *" $name "*) echo "== $name skipped (SKIP)"; return;; esac
   if [ "$left" -lt 60 ]; then echo "== $name skipped ($left s of BUDGET left)"; return; fi
   echo "== $name"
-  # only the JSON lines go to $OUT: the device tool brings back a handful of files at most
-  timeout $((left < LIMIT ? left : LIMIT)) "$@" 2>"/tmp/$name.err" | tail -n 1 | tee "$OUT/$name.json"
+  # only the JSON lines go to $OUT: the device tool brings back 8 files at most
+  timeout $((left < LIMIT ? left : LIMIT)) "$@" 2>"/tmp/$name.err" | tail -n 1 | tee -a "$OUT/results.jsonl"
   tail -n 3 "/tmp/$name.err"
 }
 # session 9, 256 px, seed 0, twice the schedule + a cool-down (about 3.5 min each, captured):
@@ -44,19 +43,8 @@ run() {
 mtd=(python3 benchmarks/bench_mtd.py --data .gpu/magnetic_tile --weights .gpu/lite0.pth --device "$DEV" --workers "$W" --size "$SIZE" "${extra[@]}")
 small=(--region 0-1 --content same=0.5,noise=0.25,fractal=0.25 --cut-scale 0.03-0.5)
 long=(--epochs 200 --cooldown-steps 611 --seed 1)
-# session 25, CPU 128 px: tiles cut into pieces of the median aspect (generate
-# --pieces auto; test cuts and stitches alike): combined map, image max 0.929 -> 0.939 over
-# three seeds (up on seeds 0 and 1, down on seed 2). At 256 px, seed 0, twice the schedule, against session 9's
-# 0.893 / 0.964 / 0.821 (head's map) at 2,444 steps
-LIMIT=240 run mtd_small_fractal_kd_e200_pieces "${mtd[@]}" "${small[@]}" --epochs 200 --pieces auto --combined --cuda-graph
-# session 27-28, CPU 128 px: with pieces, fractal masks led area-matched rectangles on all five
-# seeds (+0.010 image max; stretched, rectangles led); the same pair at 256 px
-LIMIT=240 run mtd_small_rectangle_kd_e200_pieces "${mtd[@]}" "${small[@]}" --epochs 200 --pieces auto --combined --cuda-graph \
-  --mask-source rectangle --cut-scale 0.03-0.38
-# session 29: every GPU run so far trained with bf16 autocast, the CPU's 128 px runs in float32;
-# on the CPU bf16 scored a little below float32 on paired seeds (docs/magnetic_tile.md, "bf16
-# autocast on the CPU"). The fractal pieces run in float32: the same shards and batches, only the precision
-LIMIT=240 run mtd_small_fractal_kd_e200_pieces_fp32 "${mtd[@]}" "${small[@]}" --epochs 200 --pieces auto --combined --cuda-graph --precision fp32
+# the pieces recipe at 256 px (fractal and rectangle masks, bf16 and float32) ran in session 36 on
+# an H200 side by side: benchmarks/gpu_mtd_256.sh, docs/results/h200_mtd_256px_pieces.jsonl
 LIMIT=290 run mtd_small_fractal_kd_e200_s1 "${mtd[@]}" "${small[@]}" "${long[@]}" --combined --cuda-graph
 graph=(--cuda-graph); grep -q Traceback /tmp/mtd_small_fractal_kd_e200_s1.err && graph=()  # a failure, not a timeout
 LIMIT=290 run mtd_small_rectangle_kd_e200_s1 "${mtd[@]}" "${small[@]}" "${long[@]}" --combined --mask-source rectangle "${graph[@]}"

@@ -137,13 +137,14 @@ def _help_flags(script):
     return set(re.findall(r"(--[a-z0-9-]+)", res.stdout))
 
 
-def test_gpu_checks_pass_only_flags_the_benchmarks_take():
-    script = open(os.path.join(BENCH, "gpu_checks.sh")).read()
-    assert subprocess.run(["bash", "-n", os.path.join(BENCH, "gpu_checks.sh")]).returncode == 0
+@pytest.mark.parametrize("script", ["gpu_checks.sh", "gpu_mtd_256.sh"])
+def test_gpu_scripts_pass_only_flags_the_benchmarks_take(script):
+    path = os.path.join(BENCH, script)
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
     known = set()
     for name in ("bench_fit.py", "bench_mtd.py"):
         known |= _help_flags(name)
     known |= {"--query-gpu", "--format", "--tb"}  # nvidia-smi's and pytest's
-    code = "\n".join(line.split("#")[0] for line in script.splitlines())  # comments aside
+    code = "\n".join(line.split("#")[0] for line in open(path).read().splitlines())  # comments aside
     used = set(re.findall(r"(?<![\w-])(--[a-z0-9-]+)", code))
     assert used and used <= known, used - known
