@@ -23,7 +23,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 DEV=${DEV:-cuda}; W=${W:-3}; STEPS=${STEPS:-2444}; DATA=${DATA:-.gpu/magnetic_tile}
 LIMIT=${LIMIT:-480}; TOTAL=${TOTAL:-540}  # seconds: one run at most; the whole script
-WORK=${WORK:-/tmp/mtd256}; mkdir -p "$WORK"
+WORK=${WORK:-/tmp/mtd256}; mkdir -p "$WORK/logs"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
 recipe=(python3 benchmarks/bench_mtd.py --data "$DATA" --weights .gpu/lite0.pth --device "$DEV"
         --workers "$W" --steps "$STEPS" --batch-size 32 --kd --region 0-1
@@ -35,10 +35,8 @@ job() {  # name, keep (1: bring the run folder back), then bench_mtd's own flags
   case " ${SKIP:-} " in *" $name "*) echo "== $name skipped (SKIP)"; return;; esac
   if [ "$limit" -lt 60 ]; then echo "== $name skipped ($left s of TOTAL left)"; return; fi
   NUMBA_CACHE_DIR=/tmp/numba_$name timeout "$limit" "${recipe[@]}" --out "$WORK/$name" "$@" \
-    2>"$WORK/$name.err" | tail -n 1 >"$WORK/$name.json"
+    2>"$WORK/logs/$name.err" | tail -n 1 | tee -a "$OUT/results.jsonl"
   echo "== $name rc=${PIPESTATUS[0]} at $SECONDS s"
-  cat "$WORK/$name.json"; cat "$WORK/$name.json" >>"$OUT/results.jsonl"
-  mkdir -p "$WORK/logs"; cp "$WORK/$name.err" "$WORK/logs/"
   log="$WORK/$name/run/metrics.csv"; [ -f "$log" ] && cp "$log" "$WORK/logs/$name.metrics.csv"
   if [ "$keep" = 1 ] && [ -f "$WORK/$name/run/model.pt" ]; then
     tar -C "$WORK/$name" -cf - run/model.pt run/config.json run/thresholds.json run/metrics.csv \
